@@ -1,0 +1,1 @@
+"""Thin Typer command-line interface over :mod:`pipelines` (no model code here)."""

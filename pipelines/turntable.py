@@ -1,0 +1,78 @@
+"""``fhavatar turntable``: a 360-degree orbit around an avatar, to mp4 and/or a PNG sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .avatar.artifact import load_avatar
+from .core.camera import Camera, fov_to_focal, normalized_intrinsics, orbit_cameras
+from .animate import build_rig, head_for_avatar, render_sequence
+from .head.base import HeadParams
+from .video import write_png, write_video
+
+
+@dataclass
+class TurntableConfig:
+    frames: int = 120
+    size: int = 512
+    fps: float = 30.0
+    yaw_start: float = 0.0  # degrees; 0 = frontal
+    yaw_range: float = 360.0
+    pitch: float = 0.0  # constant elevation in degrees
+    pitch_amplitude: float = 0.0  # optional sinusoidal pitch wobble (degrees)
+    radius: float = 1.0  # metres, paper's framing at our scale (see core/camera.py)
+    fov: float = 18.837  # degrees, EG3D/PanoHead intrinsics
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    expression: str = "source"  # source | neutral
+    batch_size: int = 8
+
+
+def turntable_cameras(cfg: TurntableConfig, target: tuple[float, float, float]) -> Camera:
+    t = torch.arange(cfg.frames, dtype=torch.float32) / cfg.frames
+    yaw = cfg.yaw_start + cfg.yaw_range * t
+    pitch = cfg.pitch + cfg.pitch_amplitude * torch.sin(2 * np.pi * t)
+    c2w = orbit_cameras(yaw, pitch, radius=cfg.radius, target=target)
+    return Camera(normalized_intrinsics(fov_to_focal(cfg.fov), cfg.frames), c2w)
+
+
+def run_turntable(
+    avatar_path: str | Path,
+    video_path: str | Path | None,
+    png_dir: str | Path | None = None,
+    cfg: TurntableConfig = TurntableConfig(),
+    backend: str = "auto",
+    device: str = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Render the orbit; returns the number of frames written. The head is posed with the source frame's expression
+    (``expression='source'``) or neutral, with the global head rotation/translation removed so it faces +z."""
+    avatar = load_avatar(avatar_path)
+    head = head_for_avatar(avatar, device, str(avatar_path)).to(device)
+    rig = build_rig(avatar, head, device)
+    params = HeadParams.from_dict(avatar.source_params, device=device) if avatar.source_params else head.zero_params()
+    params.rotation = torch.zeros_like(params.rotation)
+    params.translation = torch.zeros_like(params.translation)
+    if cfg.expression == "neutral":
+        params = head.zero_params()
+    target = tuple(float(x) for x in head.head_center().tolist())
+    cams = turntable_cameras(cfg, target)
+    frames = render_sequence(rig, params, cams, cfg.size, cfg.background, backend, cfg.batch_size, progress)
+
+    def tee():
+        for i, fr in enumerate(frames):
+            if png_dir is not None:
+                write_png(Path(png_dir) / f"{i:06d}.png", np.concatenate([fr.rgb, fr.alpha[..., None]], -1))
+            yield fr.rgb
+
+    if video_path is not None:
+        return write_video(video_path, tee(), fps=cfg.fps)
+    return sum(1 for _ in tee())
+
+
+def turntable_settings(cfg: TurntableConfig) -> dict:
+    return asdict(cfg)
