@@ -1,0 +1,183 @@
+"""Artifact store and batch runner: atomic writes, skip/redo logic, corruption detection, shards, isolation."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.batch import EXIT_INTERRUPTED, EXIT_ITEM_FAILED, EXIT_OK, exit_code, run_batch, run_stage
+from pipelines.errors import InputError
+from pipelines.store import (
+    Manifest, atomic_path, expand_inputs, item_id, item_lock, ItemLocked, parse_shard, select_shard, shard_from_env,
+)
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out" / "x.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    with atomic_path(target) as tmp:
+        tmp.write_text("whole")
+    assert target.read_text() == "whole"
+
+
+def test_item_id_is_stable_and_content_based(tmp_path):
+    a = tmp_path / "my photo ü.jpg"
+    a.write_bytes(b"abc")
+    b = tmp_path / "sub" / "my photo ü.jpg"
+    b.parent.mkdir()
+    b.write_bytes(b"abd")
+    assert item_id(a) == item_id(a) and item_id(a) != item_id(b)
+    assert item_id(a).startswith("my_photo-")
+
+
+def test_expand_inputs_files_folders_globs_and_lists(tmp_path):
+    for n in ("a.jpg", "b.png", "c.txt"):
+        (tmp_path / n).write_bytes(n.encode())
+    (tmp_path / "list.txt").write_text("a.jpg\n# comment\n\nb.png\n")
+    exts = (".jpg", ".png")
+    assert [p.name for p in expand_inputs([str(tmp_path)], exts)] == ["a.jpg", "b.png"]
+    assert [p.name for p in expand_inputs([str(tmp_path / "*.jpg")])] == ["a.jpg"]
+    assert [p.name for p in expand_inputs([f"@{tmp_path / 'list.txt'}", str(tmp_path / "a.jpg")])] == ["a.jpg", "b.png"]
+    with pytest.raises(InputError, match="nope.jpg"):
+        expand_inputs([str(tmp_path / "nope.jpg")])
+    with pytest.raises(InputError, match="matches no file"):
+        expand_inputs([str(tmp_path / "*.gif")])
+
+
+def test_shards_cover_every_item_exactly_once():
+    items = list(range(23))
+    parts = [select_shard(items, i, 4) for i in range(4)]
+    assert sorted(sum(parts, [])) == items
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("4/4", "x", "1/0"):
+        with pytest.raises(InputError):
+            parse_shard(bad)
+    assert shard_from_env({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_MIN": "0"}) == (7, 8)
+    assert shard_from_env({"SGE_TASK_ID": "3", "SGE_TASK_FIRST": "1", "SGE_TASK_LAST": "4"}) == (2, 4)
+    assert shard_from_env({"LSB_JOBINDEX": "1", "LSB_JOBINDEX_END": "5"}) == (0, 5)
+    assert shard_from_env({}) == (0, 1)
+
+
+def _work(text):
+    def work(folder: Path):
+        with atomic_path(folder / "out.txt") as tmp:
+            tmp.write_text(text)
+        return ["out.txt"]
+    return work
+
+
+def test_run_stage_skips_redoes_and_detects_corruption(tmp_path):
+    inp = tmp_path / "in.txt"
+    inp.write_text("input")
+    stage = tmp_path / "item" / "stage"
+    calls = []
+
+    def work(folder):
+        calls.append(1)
+        return _work("result")(folder)
+
+    assert run_stage(stage, {"k": 1}, {"src": inp}, work)[0] == "done"
+    assert run_stage(stage, {"k": 1}, {"src": inp}, work)[0] == "skipped"
+    assert run_stage(stage, {"k": 2}, {"src": inp}, work)[0] == "done"  # changed setting
+    inp.write_text("changed input")
+    assert run_stage(stage, {"k": 2}, {"src": inp}, work)[0] == "done"  # changed input
+    (stage / "out.txt").write_text("corrupted")
+    assert run_stage(stage, {"k": 2}, {"src": inp}, work)[0] == "done"  # corrupted output detected
+    assert (stage / "out.txt").read_text() == "result"
+    assert run_stage(stage, {"k": 2}, {"src": inp}, work, force=True)[0] == "done"
+    assert len(calls) == 5
+    m = Manifest.load(stage)
+    assert m.status == "done" and m.settings == {"k": 2} and "out.txt" in m.outputs
+
+
+def test_failed_stage_records_error_and_lock_excludes_others(tmp_path):
+    stage = tmp_path / "item" / "stage"
+
+    def bad(folder):
+        raise InputError("no face found in 'x.jpg'", "use another photo")
+
+    with pytest.raises(InputError):
+        run_stage(stage, {}, {}, bad)
+    m = Manifest.load(stage)
+    assert m.status == "failed" and "no face" in m.error
+    with item_lock(tmp_path / "item"):
+        # flock locks are per open file description: a second open in another process is excluded.
+        code = textwrap.dedent(f"""
+            import sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+            from pipelines.store import item_lock, ItemLocked
+            from pathlib import Path
+            try:
+                with item_lock(Path({str(tmp_path / 'item')!r})):
+                    print("acquired")
+            except ItemLocked:
+                print("locked")
+        """)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
+        assert out == "locked"
+
+
+def test_batch_isolates_failures_and_reports_exit_codes(tmp_path):
+    def job(i):
+        def run():
+            if i % 3 == 0:
+                raise InputError(f"item {i} is unreadable")
+            if i == 4:
+                raise ValueError("boom")
+            return "done", {}
+        return run
+
+    results = run_batch([(f"in{i}", f"id{i}", job(i)) for i in range(10)])
+    failed = [r.name for r in results if r.status == "failed"]
+    assert failed == ["in0", "in3", "in4", "in6", "in9"]
+    assert sum(r.status == "done" for r in results) == 5
+    assert "unreadable" in results[0].error and "boom" in results[4].error
+    assert exit_code(results) == EXIT_ITEM_FAILED
+    ff = run_batch([(f"in{i}", f"id{i}", job(i)) for i in range(10)], fail_fast=True)
+    assert ff[0].status == "failed" and all(r.status == "pending" for r in ff[1:])
+    assert exit_code([r for r in results if r.status == "done"]) == EXIT_OK
+
+
+def test_sigterm_stops_after_the_current_item(tmp_path):
+    """Job pre-emption: SIGTERM during item 2 lets it finish, leaves the rest pending, exit code 130."""
+    script = tmp_path / "runner.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time, os, signal
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+        from pathlib import Path
+        from pipelines.batch import run_batch, run_stage, exit_code
+        from pipelines.store import atomic_path
+        out = Path({str(tmp_path / 'out')!r})
+        def job(i):
+            def work(folder):
+                if i == 2:
+                    (out / 'started2').write_text('x')
+                    time.sleep(1.5)
+                with atomic_path(folder / 'r.txt') as t:
+                    t.write_text(str(i))
+                return ['r.txt']
+            return lambda: run_stage(out / f'item{{i}}' / 'stage', {{}}, {{}}, work)
+        res = run_batch([(str(i), str(i), job(i)) for i in range(6)])
+        print(' '.join(r.status for r in res))
+        sys.exit(exit_code(res))
+    """))
+    (tmp_path / "out").mkdir()
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    for _ in range(200):
+        if (tmp_path / "out" / "started2").exists():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_INTERRUPTED
+    assert out.split() == ["done", "done", "done", "pending", "pending", "pending"]
+    assert (tmp_path / "out" / "item2" / "stage" / "r.txt").read_text() == "2"
+    assert not (tmp_path / "out" / "item3").exists()
