@@ -26,7 +26,7 @@ class TurntableConfig:
     pitch: float = 0.0  # constant elevation in degrees
     pitch_amplitude: float = 0.0  # optional sinusoidal pitch wobble (degrees)
     radius: float = 1.0  # metres, paper's framing at our scale (see core/camera.py)
-    fov: float = 18.837  # degrees, EG3D/PanoHead intrinsics
+    fov: float = 13.373  # vertical degrees; EG3D/PanoHead's focal 4.2647 (their 18.837 deg is the diagonal)
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     expression: str = "source"  # source | neutral
     batch_size: int = 8

@@ -1,7 +1,8 @@
 """Cameras in the paper's (EG3D / PanoHead) convention.
 
-* Intrinsics are *normalized*: ``K = [[f, 0, cx], [0, f, cy], [0, 0, 1]]`` with ``f = 4.2647`` (FOV 18.837 deg) and
-  ``cx = cy = 0.5``, in units of the image side. Multiply the first two rows by the image size for pixels.
+* Intrinsics are *normalized*: ``K = [[f, 0, cx], [0, f, cy], [0, 0, 1]]`` with ``f = 4.2647`` and
+  ``cx = cy = 0.5``, in units of the image side. That is a vertical FOV of 13.37 deg; EG3D's quoted 18.837 deg is
+  the diagonal FOV of the same camera (their ``FOV_to_intrinsics`` divides by 1.414). Multiply the first two rows by the image size for pixels.
 * Extrinsics are camera-to-world 4x4 matrices in OpenCV axes (x right, y down, z forward). ``world_to_camera``
   inverts them for renderers (gsplat's ``viewmats``).
 * World space is the head model's space (FLAME convention: metres, y up, the face looks along +z). PanoHead puts
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 EG3D_FOCAL = 4.2647
+EG3D_VFOV = 13.373  # degrees, vertical FOV of EG3D_FOCAL
 DEFAULT_RADIUS = 1.0
 
 
@@ -51,7 +53,7 @@ def look_at(eye: torch.Tensor, target: torch.Tensor, up: torch.Tensor | None = N
     if up is None:
         up = torch.tensor([0.0, 1.0, 0.0], device=eye.device, dtype=eye.dtype).expand_as(eye)
     z = torch.nn.functional.normalize(target - eye, dim=-1)
-    x = torch.nn.functional.normalize(torch.cross(z, -up, dim=-1), dim=-1)
+    x = torch.nn.functional.normalize(torch.cross(-up, z, dim=-1), dim=-1)
     # Degenerate when looking straight along up: pick any perpendicular x.
     bad = x.norm(dim=-1) < 1e-6
     if bad.any():
