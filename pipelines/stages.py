@@ -1,0 +1,121 @@
+"""Per-item stage jobs used by the CLI and ``fhavatar run``: each reads artifacts and writes artifacts.
+
+Every job returns ``(status, outputs)`` with status ``done`` or ``skipped`` (up to date) and raises a
+``FhavatarError`` naming the input on bad inputs; ``pipelines.batch.run_batch`` isolates failures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .batch import run_stage
+from .errors import InputError
+from .store import IMAGE_EXTS, VIDEO_EXTS, hash_file, item_id
+
+Progress = Callable[[int], None] | None
+
+
+def head_kind(head) -> str:
+    return "flame" if head.name.lower().startswith("flame") else "embedded"
+
+
+def make_track_hook(head, tracking_cfg=None):
+    """The preprocess hook that fits the head model to the landmarks and writes ``tracking.npz``."""
+    from .tracking.fit import track
+    from .tracking.result import save_tracking
+
+    def hook(stage_dir: Path, result) -> list[str]:
+        with np.load(stage_dir / "landmarks.npz", allow_pickle=False) as z:
+            lmk, valid, K, c2w = z["lmk478"], z["valid"], z["K"], z["c2w"]
+            size = int(z["size"]) if "size" in z.files else 512
+        res = track(head, lmk[..., :2], valid, K, c2w[0], image_size=size, config=tracking_cfg)
+        save_tracking(stage_dir / "tracking.npz", res, head.name)
+        return ["tracking.npz"]
+
+    return hook
+
+
+def preprocess_item(input_path: Path, out: Path, head, pp_cfg=None, tracking_cfg=None, progress: Progress = None,
+                    force: bool = False) -> tuple[str, dict]:
+    """``<out>/<id>/preprocess/``: frames, mattes, landmarks and tracking of one image or video."""
+    from .preprocess.config import PreprocessConfig
+    from .preprocess.stage import run_preprocess, stage_dir
+
+    item_dir = out / item_id(input_path)
+    if force:
+        _invalidate(stage_dir(item_dir))
+    cfg = pp_cfg or PreprocessConfig()
+    total = {"n": 0}
+
+    def pp_progress(done: int, total_frames: int) -> None:
+        if progress is not None:
+            progress(done - total["n"])
+        total["n"] = done
+
+    track_settings = {"head": head.name, "tracking": asdict(tracking_cfg) if tracking_cfg is not None else "default"}
+    res = run_preprocess(input_path, item_dir, cfg, progress=pp_progress,
+                         track_fn=make_track_hook(head, tracking_cfg), track_settings=track_settings)
+    return ("skipped" if res.skipped else "done"), {"frames": res.num_frames, "status": res.status_counts,
+                                                    "dir": str(res.stage_dir)}
+
+
+def _invalidate(stage: Path) -> None:
+    m = stage / "manifest.json"
+    if m.exists():
+        m.unlink()
+
+
+def preprocessed_dir(spec: Path, out: Path, head, progress: Progress = None) -> Path:
+    """A preprocessed folder for an input: the folder itself if it is one, else preprocess the image/video first."""
+    for cand in (spec / "preprocess", spec):
+        if (cand / "tracking.npz").is_file():
+            return cand
+    if spec.is_file() and spec.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS:
+        preprocess_item(spec, out, head, progress=progress)
+        return out / item_id(spec) / "preprocess"
+    raise InputError(f"input '{spec}' is neither an image, a video nor a preprocessed folder",
+                     f"pass a photo ({', '.join(IMAGE_EXTS)}), a video or a folder made by `fhavatar preprocess`")
+
+
+def reconstruct_item(spec: Path, out: Path, head, cfg, device: str = "cpu", net_loader=None,
+                     progress: Progress = None, force: bool = False, export_ply: bool = False) -> tuple[str, dict]:
+    """``<out>/<id>/avatar/avatar.npz`` (+ ``avatar.ply``) from a photo, video or preprocessed folder."""
+    from .avatar.artifact import save_avatar
+    from .reconstruct import load_source, reconstruct
+    from .uv.space import UVConfig, load_or_build_uv_space
+
+    pp = preprocessed_dir(spec, out, head, progress)
+    item_dir = pp.parent
+    inputs = {"tracking": pp / "tracking.npz", "frame": pp / "frames" / f"{cfg.source_frame:06d}.png"}
+    settings = {**asdict(cfg), "head": head.name}
+    weights_hash = None
+    if cfg.method == "network":
+        from .network.weights import resolve_weights
+
+        wpath = resolve_weights(cfg.weights)
+        weights_hash = hash_file(wpath)
+        inputs["weights"] = weights_hash
+
+    def work(folder: Path) -> list[str]:
+        uv = load_or_build_uv_space(head, UVConfig(size=cfg.uv_size), device=device)
+        source = load_source(pp, cfg.source_frame).to(device)
+        net = net_loader(cfg) if (cfg.method == "network" and net_loader) else None
+        avatar = reconstruct(source, head, uv, cfg, head_kind(head), net)
+        avatar.meta.update({"input": str(spec), "weights_sha256": weights_hash})
+        save_avatar(folder / "avatar.npz", avatar)
+        files = ["avatar.npz"]
+        if export_ply:
+            from .animate import build_rig
+            from .avatar.ply import write_ply
+
+            rig = build_rig(avatar, head, device)
+            write_ply(folder / "avatar.ply", rig.pose_params(source.params))
+            files.append("avatar.ply")
+        return files
+
+    status, outputs = run_stage(item_dir / "avatar", {**settings, "ply": export_ply}, inputs, work, force=force)
+    return status, {"avatar": str(item_dir / "avatar" / "avatar.npz"), **outputs}
