@@ -111,9 +111,9 @@ class HeadModel(nn.Module):
     def forward(self, params: HeadParams) -> torch.Tensor:
         """Posed vertices (B, V, 3): eq. 11-12 then global translation."""
         v_shaped = self.shaped(params.shape, params.expression)
-        # Joints depend on shape only, as in FLAME: J(beta).
-        v_id = self.v_template[None] + blend_shapes(params.shape, self.shapedirs)
-        joints = torch.einsum("jv,bvd->bjd", self.J_regressor, v_id)
+        # Joints are regressed from the shaped mesh *with* expression, as FLAME's official code does (trackers
+        # built on it assume this), i.e. J(beta, psi) rather than the paper's shorthand J(beta).
+        joints = torch.einsum("jv,bvd->bjd", self.J_regressor, v_shaped)
         posedirs = self.posedirs if self.posedirs.numel() else None
         verts, _ = lbs(v_shaped, params.full_pose(), joints, self.parents, self.lbs_weights, posedirs)
         return verts + params.translation[:, None, :]
