@@ -84,56 +84,83 @@ def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     )
 
 
-class AvatarRig:
-    """Gaussians of one avatar, ready to be posed.
+def texel_frames(uv: UVSpace, verts: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triangle frames (B, K, K, 3, 3) and sizes (B, K, K) looked up per texel of the UV map."""
+    R, size = triangle_frames(verts, faces)
+    fi = uv.face_index.clamp(min=0)
+    return R[:, fi], size[:, fi]
 
-    Built once from the attribute maps A (1, 14, K, K), the UV shape offset Δp_uv (1, 3, K, K) (or None) and the
-    avatar's canonical (shape-only) mesh; ``pose(verts)`` then places the Gaussians on any posed mesh of the same
-    head model - this is the per-frame hot path of reenactment and turntables.
+
+def posed_to_canonical_offsets(uv: UVSpace, offsets: torch.Tensor, posed: torch.Tensor, canonical: torch.Tensor,
+                               faces: torch.Tensor) -> torch.Tensor:
+    """Re-express per-texel world offsets (B, 3, K, K) made on the posed mesh as offsets on the canonical mesh.
+
+    The network refines the *source* (posed) position map, but the avatar stores Δp_uv on its canonical mesh: each
+    offset is carried through its triangle's local frame (rotation and size) from one mesh to the other.
+    """
+    R_p, s_p = texel_frames(uv, posed, faces)
+    R_c, s_c = texel_frames(uv, canonical, faces)
+    d = offsets.permute(0, 2, 3, 1)[..., None]  # (B, K, K, 3, 1)
+    local = (R_p.transpose(-1, -2) @ d) / s_p[..., None, None]
+    out = (R_c @ local)[..., 0] * s_c[..., None]
+    return out.permute(0, 3, 1, 2) * uv.valid
+
+
+class AvatarRig:
+    """Gaussians of B avatars (usually 1), ready to be posed; differentiable w.r.t. the maps (training uses it).
+
+    Built from the attribute maps A (B, 14, K, K), the UV shape offset Δp_uv (B, 3, K, K) on the canonical mesh (or
+    None) and the avatars' shapes (B, S); ``pose(verts)`` then places the Gaussians on posed meshes of the same head
+    model - the per-frame hot path of reenactment and turntables.
     """
 
     def __init__(self, head: HeadModel, uv: UVSpace, maps: torch.Tensor, shape: torch.Tensor,
                  delta_p: torch.Tensor | None = None) -> None:
         self.head = head
         self.uv = uv
-        self.shape = shape.reshape(1, -1)
+        B = maps.shape[0]
+        self.shape = shape.reshape(B, -1)
         faces = head.faces
-        canonical = head.canonical(self.shape)  # (1, V, 3)
+        canonical = head.canonical(self.shape)  # (B, V, 3)
         R_can, size_can = triangle_frames(canonical, faces)
         self._face = uv.sample_face
         self._bary = uv.sample_bary
-        self._size_can = size_can[0, self._face]  # (G,)
-        attrs = uv.sample_maps(maps)[0]  # (G, 14)
-        R = R_can[0, self._face]  # (G, 3, 3)
-        offset = attrs[:, ATTRIBUTE_SLICES["offset"]]
+        self._size_can = size_can[:, self._face]  # (B, G)
+        attrs = uv.sample_maps(maps)  # (B, G, 14)
+        R = R_can[:, self._face]  # (B, G, 3, 3)
+        offset = attrs[..., ATTRIBUTE_SLICES["offset"]]
         if delta_p is not None:
-            offset = offset + uv.sample_maps(delta_p)[0]
+            offset = offset + uv.sample_maps(delta_p)
         # Offsets live in the canonical triangle's frame so they follow it when posed.
         self.offset_local = (R.transpose(-1, -2) @ offset[..., None])[..., 0]
-        self.quat_local = F.normalize(attrs[:, ATTRIBUTE_SLICES["rotation"]], dim=-1)
-        self.scale_base = attrs[:, ATTRIBUTE_SLICES["scale"]] * uv.sample_scale()[:, None]
-        self.opacity = attrs[:, ATTRIBUTE_SLICES["opacity"]][:, 0]
-        self.color = attrs[:, ATTRIBUTE_SLICES["color"]]
+        self.quat_local = F.normalize(attrs[..., ATTRIBUTE_SLICES["rotation"]], dim=-1)
+        self.scale_base = attrs[..., ATTRIBUTE_SLICES["scale"]] * uv.sample_scale()[:, None]
+        self.opacity = attrs[..., ATTRIBUTE_SLICES["opacity"]][..., 0]
+        self.color = attrs[..., ATTRIBUTE_SLICES["color"]]
 
     @property
     def num_gaussians(self) -> int:
-        return self.color.shape[0]
+        return self.color.shape[1]
 
     def pose_params(self, params: HeadParams) -> Gaussians:
         """Gaussians for tracked parameters (B frames); the avatar's own shape replaces ``params.shape``."""
-        params = HeadParams(**{**params.to_dict(), "shape": self.shape.expand(params.batch, -1)})
+        shape = self.shape.expand(params.batch, -1) if self.shape.shape[0] == 1 else self.shape
+        params = HeadParams(**{**params.to_dict(), "shape": shape})
         return self.pose(self.head(params))
 
     def pose(self, verts: torch.Tensor, colors: torch.Tensor | None = None) -> Gaussians:
-        """Gaussians (B, G, ...) on posed vertices (B, V, 3). ``colors`` (G, C) overrides the colours."""
+        """Gaussians (B, G, ...) on posed vertices (B, V, 3) (B must equal the rig's batch, or the rig's is 1).
+
+        ``colors`` (B or 1, G, C) replaces the colours (e.g. positions for the 3D TV loss).
+        """
         B = verts.shape[0]
         R, size = triangle_frames(verts, self.head.faces)  # (B, F, 3, 3), (B, F)
         Rg = R[:, self._face]
         k = size[:, self._face] / self._size_can  # (B, G) triangle growth
         tri = verts[:, self.head.faces[self._face]]  # (B, G, 3, 3)
         surface = (tri * self._bary[None, :, :, None]).sum(2)
-        means = surface + k[..., None] * (Rg @ self.offset_local[None, ..., None])[..., 0]
-        quats = quat_multiply(matrix_to_quat(R)[:, self._face], self.quat_local[None])
-        scales = self.scale_base[None] * k[..., None]
+        means = surface + k[..., None] * (Rg @ self.offset_local[..., None])[..., 0]
+        quats = quat_multiply(matrix_to_quat(R)[:, self._face], self.quat_local)
+        scales = self.scale_base * k[..., None]
         color = self.color if colors is None else colors
-        return Gaussians(means, quats, scales, self.opacity[None].expand(B, -1), color[None].expand(B, -1, -1))
+        return Gaussians(means, quats, scales, self.opacity.expand(B, -1), color.expand(B, -1, -1))
