@@ -1,0 +1,122 @@
+"""gsplat 1.5.3 backend: CUDA rasterization through ``gsplat.rasterization``.
+
+gsplat is imported lazily (it is an optional GPU dependency, ``pip install gsplat==1.5.3``); nothing here runs
+on a machine without it unless asked to, and then it raises a one-line :class:`ConfigError`.
+
+Conventions passed to gsplat, mirrored exactly by :mod:`pipelines.render.reference`: ``viewmats`` are
+world-to-camera 4x4 (OpenCV axes), ``Ks`` are pixel intrinsics, ``packed=False``, ``rasterize_mode="classic"``,
+``eps2d=0.3``, ``render_mode="RGB+ED"`` (the last channel is the expected camera-space z), post-activation
+``colors`` with any number of channels (``sh_degree=None``), backgrounds per view.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from pipelines.errors import ConfigError
+
+GSPLAT_VERSION = "1.5.3"
+
+
+@functools.lru_cache(maxsize=1)
+def _import_gsplat():
+    """The gsplat module, or None when it cannot be imported."""
+    try:
+        import gsplat  # noqa: PLC0415 - optional dependency, imported on first use
+    except Exception:  # ImportError, or a broken CUDA extension build
+        return None
+    return gsplat
+
+
+def gsplat_available() -> bool:
+    """True when CUDA is available and gsplat imports."""
+    return torch.cuda.is_available() and _import_gsplat() is not None
+
+
+def require_gsplat():
+    """Return the gsplat module or raise a :class:`ConfigError` saying why it cannot be used."""
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "render backend 'gsplat' needs a CUDA GPU, and none is available",
+            "use backend='torch' (the pure-PyTorch reference rasterizer) or 'auto'",
+        )
+    gsplat = _import_gsplat()
+    if gsplat is None:
+        raise ConfigError(
+            "render backend 'gsplat' was requested but the gsplat package cannot be imported",
+            f"install it with `pip install gsplat=={GSPLAT_VERSION}`, or use backend='torch' or 'auto'",
+        )
+    return gsplat
+
+
+def rasterize_gsplat(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    backgrounds: Tensor | None,
+    near: float,
+    far: float,
+    eps2d: float = 0.3,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Render B views with gsplat.
+
+    Args:
+        means (N, 3) or (B, N, 3), quats (..., N, 4) wxyz, scales (..., N, 3), opacities (..., N),
+        colors (..., N, C): shared Gaussians, or one set per view when they have the leading B.
+        viewmats (B, 4, 4) world-to-camera, Ks (B, 3, 3) pixel intrinsics, backgrounds (B, C) or None.
+        All on one CUDA device.
+
+    Returns:
+        rgb (B, H, W, C), alpha (B, H, W, 1), expected depth (B, H, W, 1).
+    """
+    gsplat = require_gsplat()
+    if means.device.type != "cuda":
+        raise ConfigError(
+            f"render backend 'gsplat' needs CUDA tensors, got tensors on '{means.device}'",
+            "move the Gaussians and cameras to a CUDA device, or use backend='torch' or 'auto'",
+        )
+    f32 = dict(dtype=torch.float32)
+    means, quats, scales = means.to(**f32), quats.to(**f32), scales.to(**f32)
+    opacities, colors = opacities.to(**f32), colors.to(**f32)
+    viewmats, Ks = viewmats.to(**f32).contiguous(), Ks.to(**f32).contiguous()
+    if backgrounds is not None:
+        backgrounds = backgrounds.to(**f32)
+
+    per_view = means.dim() == 3
+    if per_view:
+        # gsplat 1.5 batch dims: Gaussians [B, N, ...] with cameras [B, C=1, ...] render image b from set b.
+        viewmats, Ks = viewmats[:, None], Ks[:, None]
+        if backgrounds is not None:
+            backgrounds = backgrounds[:, None]
+    renders, alphas, _ = gsplat.rasterization(
+        means=means.contiguous(),
+        quats=quats.contiguous(),
+        scales=scales.contiguous(),
+        opacities=opacities.contiguous(),
+        colors=colors.contiguous(),
+        viewmats=viewmats,
+        Ks=Ks,
+        width=int(width),
+        height=int(height),
+        near_plane=float(near),
+        far_plane=float(far),
+        eps2d=float(eps2d),
+        sh_degree=None,
+        packed=False,
+        tile_size=16,
+        backgrounds=backgrounds.contiguous() if backgrounds is not None else None,
+        render_mode="RGB+ED",
+        rasterize_mode="classic",
+    )
+    if per_view:
+        renders, alphas = renders[:, 0], alphas[:, 0]
+    return renders[..., :-1], alphas, renders[..., -1:]
