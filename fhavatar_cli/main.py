@@ -82,7 +82,7 @@ def turntable(
     yaw_range: float = typer.Option(360.0, help="Degrees swept."),
     pitch: float = typer.Option(0.0, help="Camera elevation in degrees."),
     pitch_amplitude: float = typer.Option(0.0, help="Sinusoidal pitch wobble in degrees."),
-    radius: float = typer.Option(1.0, help="Camera distance in metres (paper framing at our scale)."),
+    radius: float = typer.Option(1.35, help="Camera distance in metres (PanoHead framing at our scale)."),
     fov: float = typer.Option(13.373, help="Vertical field of view in degrees (EG3D/PanoHead focal 4.2647)."),
     background: str = typer.Option("white", help="white, black, grey, #RRGGBB or r,g,b."),
     expression: str = typer.Option("source", help="source (the photo's expression) or neutral."),

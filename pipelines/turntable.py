@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .avatar.artifact import load_avatar
-from .core.camera import Camera, fov_to_focal, normalized_intrinsics, orbit_cameras
+from .core.camera import DEFAULT_RADIUS, Camera, fov_to_focal, normalized_intrinsics, orbit_cameras
 from .animate import build_rig, head_for_avatar, render_sequence
 from .head.base import HeadParams
 from .video import write_png, write_video
@@ -25,7 +25,7 @@ class TurntableConfig:
     yaw_range: float = 360.0
     pitch: float = 0.0  # constant elevation in degrees
     pitch_amplitude: float = 0.0  # optional sinusoidal pitch wobble (degrees)
-    radius: float = 1.0  # metres, paper's framing at our scale (see core/camera.py)
+    radius: float = DEFAULT_RADIUS  # metres: PanoHead's framing at our scale (see core/camera.py)
     fov: float = 13.373  # vertical degrees; EG3D/PanoHead's focal 4.2647 (their 18.837 deg is the diagonal)
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     expression: str = "source"  # source | neutral

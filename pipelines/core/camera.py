@@ -6,8 +6,9 @@
 * Extrinsics are camera-to-world 4x4 matrices in OpenCV axes (x right, y down, z forward). ``world_to_camera``
   inverts them for renderers (gsplat's ``viewmats``).
 * World space is the head model's space (FLAME convention: metres, y up, the face looks along +z). PanoHead puts
-  its camera at radius 2.7 around a head of its own scale; at our metric scale the same framing is a radius of
-  ``DEFAULT_RADIUS`` = 1.0 m around the head centre.
+  its camera at radius 2.7 around a head of its own scale; we frame whole heads the same way with the camera
+  ``DEFAULT_RADIUS`` = 1.35 m from the head centre (so 1 PanoHead unit = 0.5 m). The frontal camera then sees a
+  ``DEFAULT_RADIUS / EG3D_FOCAL`` = 0.317 m wide square at the head: a whole head, chin to crown, fits.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 
 EG3D_FOCAL = 4.2647
 EG3D_VFOV = 13.373  # degrees, vertical FOV of EG3D_FOCAL
-DEFAULT_RADIUS = 1.0
+DEFAULT_RADIUS = 1.35
+PANOHEAD_UNITS_PER_METRE = 2.7 / DEFAULT_RADIUS
 
 
 def fov_to_focal(fov_deg: float) -> float:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..core.camera import PANOHEAD_UNITS_PER_METRE
 from ..errors import ConfigError
 
 # Channel layout of the UV Gaussian attribute map A (section 3.2): 3 + 4 + 3 + 1 + 3 = 14.
@@ -67,7 +68,7 @@ class NetworkConfig:
     panohead_checkpoint: str | None = None  # TorchScript file; see prior.PanoHeadPrior
     panohead_channels: int = 32  # C of PanoHead's tri-grid
     panohead_depth: int = 3  # D of PanoHead's tri-grid (1 = plain EG3D tri-plane)
-    panohead_units_per_metre: float = 2.7  # PanoHead's camera radius 2.7 <-> our 1.0 m
+    panohead_units_per_metre: float = PANOHEAD_UNITS_PER_METRE  # PanoHead's radius 2.7 <-> our DEFAULT_RADIUS
     panohead_box_warp: float = 1.0  # EG3D's box_warp: side of the tri-plane cube in PanoHead units
 
     # --------------------------------------------------------------------------------------- visibility (3.3)
