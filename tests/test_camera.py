@@ -4,7 +4,7 @@
 import torch
 
 from pipelines.core.camera import (
-    EG3D_FOCAL, focal_to_fov, fov_to_focal, look_at, normalized_intrinsics, orbit_cameras, project_points,
+    DEFAULT_RADIUS, EG3D_FOCAL, focal_to_fov, fov_to_focal, look_at, normalized_intrinsics, orbit_cameras, project_points,
     world_to_camera,
 )
 
@@ -36,5 +36,5 @@ def test_orbit_yaw_moves_camera_towards_plus_x_and_fov_roundtrip():
     assert abs(fov_to_focal(focal_to_fov(3.0)) - 3.0) < 1e-9
     w2c = world_to_camera(c2w)
     torch.testing.assert_close(w2c @ c2w, torch.eye(4).expand(2, 4, 4), atol=1e-5, rtol=0)
-    eye = torch.tensor([[0.0, 0.0, 1.0]])
+    eye = torch.tensor([[0.0, 0.0, DEFAULT_RADIUS]])
     torch.testing.assert_close(look_at(eye, torch.zeros(1, 3)), orbit_cameras(torch.zeros(1), torch.zeros(1)))
