@@ -133,3 +133,230 @@ def _avatar_path(spec: str) -> Path:
 
 if __name__ == "__main__":
     app()
+
+
+# ------------------------------------------------------------------------------------------------ shared options
+def _out_option(default: str = "fhavatar_out"):
+    return typer.Option(Path(default), "--out", "-o", help="Output folder (one sub-folder per input item).")
+
+
+SHARD_HELP = ("This job's part of the inputs, i/n (0-based). Default: from SLURM_ARRAY_TASK_ID/COUNT "
+              "(or SGE/LSF/PBS equivalents), else all inputs.")
+
+
+def _select(inputs: List[str], exts, shard: Optional[str]) -> list[Path]:
+    from pipelines.store import expand_inputs, parse_shard, select_shard
+
+    items = expand_inputs(inputs, exts)
+    i, n = parse_shard(shard)
+    return select_shard(items, i, n)
+
+
+def _load_head(head_model: str, device: str):
+    from pipelines.head.registry import load_head_model
+
+    return load_head_model(head_model, device=device)
+
+
+def _finish(results) -> None:
+    from pipelines.batch import exit_code
+
+    ui = State.ui
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    ui.event("summary", **counts)
+    if not ui.log_json and not ui.quiet:
+        ui.out.print(f"[bold]{len(results)} item(s):[/] {summary}")
+    raise typer.Exit(exit_code(results))
+
+
+@app.command()
+def preprocess(
+    inputs: List[str] = typer.Argument(..., help="Photos, videos, folders, globs or @list.txt."),
+    out: Path = _out_option(),
+    size: int = typer.Option(512, help="Crop size in pixels."),
+    background: str = typer.Option("white", help="Composite background colour."),
+    max_frames: Optional[int] = typer.Option(None, help="Keep at most this many frames per video."),
+    stride: int = typer.Option(1, help="Keep every n-th frame."),
+    fps: Optional[float] = typer.Option(None, help="Resample videos to this frame rate."),
+    face_index: int = typer.Option(0, help="Which face when several: 0 = largest."),
+    head_model: str = typer.Option("auto", help="auto (FLAME if found, else embedded), flame or embedded."),
+    shard: Optional[str] = typer.Option(None, help=SHARD_HELP),
+    force: bool = typer.Option(False, help="Redo finished items."),
+    fail_fast: bool = typer.Option(False, help="Stop at the first failed item."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (tracking)."),
+) -> None:
+    """Crop, align, matte, estimate the camera and track the head model (frames, mattes, landmarks, tracking)."""
+    from pipelines.batch import run_batch
+    from pipelines.preprocess.config import PreprocessConfig
+    from pipelines.stages import preprocess_item
+    from pipelines.store import IMAGE_EXTS, VIDEO_EXTS, item_id
+
+    ui = State.ui
+    try:
+        items = _select(inputs, IMAGE_EXTS + VIDEO_EXTS, shard)
+        bg = tuple(int(round(c * 255)) for c in parse_color(background))
+        cfg = PreprocessConfig(size=size, background=bg, max_frames=max_frames, stride=stride, fps=fps,
+                               face_index=face_index)
+        head = _load_head(head_model, "cpu")
+        resolve_device(device)
+    except FhavatarError as e:
+        fail(e)
+
+    def job_for(path: Path):
+        def job():
+            with ui.progress(f"preprocess {path.name}", None) as advance:
+                return preprocess_item(path, out, head, cfg, progress=advance, force=force)
+        return job
+
+    _finish(run_batch([(str(p), item_id(p), job_for(p)) for p in items], on_result=ui.item, fail_fast=fail_fast))
+
+
+@app.command()
+def reconstruct(
+    inputs: List[str] = typer.Argument(..., help="Photos, videos or preprocessed item folders (globs, @list.txt)."),
+    out: Path = _out_option(),
+    method: str = typer.Option("network", help="network (FHAvatar), unproject (no network) or template."),
+    weights: Optional[str] = typer.Option(None, help="Network checkpoint (.safetensors); 'random' = untrained. "
+                                          "Default: $FHAVATAR_WEIGHTS, then weights/fhavatar_default.safetensors."),
+    prior: str = typer.Option("builtin", help="Global prior: builtin or panohead (user-supplied checkpoint)."),
+    refine_steps: int = typer.Option(0, help="Fine-tune the predicted maps on the source view for N steps."),
+    source_frame: int = typer.Option(0, help="Which frame of a video is the source."),
+    uv_size: int = typer.Option(256, help="UV map size K."),
+    ply: bool = typer.Option(False, "--ply", help="Also export a standard 3DGS .ply."),
+    head_model: str = typer.Option("auto", help="auto, flame or embedded."),
+    shard: Optional[str] = typer.Option(None, help=SHARD_HELP),
+    force: bool = typer.Option(False, help="Redo finished items."),
+    fail_fast: bool = typer.Option(False, help="Stop at the first failed item."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Build avatars (avatar/avatar.npz) from portraits: preprocesses raw inputs first."""
+    from pipelines.batch import run_batch
+    from pipelines.reconstruct import ReconstructConfig
+    from pipelines.stages import reconstruct_item
+
+    ui = State.ui
+    try:
+        cfg = ReconstructConfig(method=method, uv_size=uv_size, source_frame=source_frame, refine_steps=refine_steps,
+                                weights=weights, prior=prior).validate()
+        items = _select(inputs, None, shard) if not all(Path(i).is_dir() for i in inputs) else [Path(i) for i in inputs]
+        dev = resolve_device(device)
+        head = _load_head(head_model, dev)
+        nets: dict = {}
+
+        def net_loader(c):
+            if "net" not in nets:
+                from pipelines.network.weights import load_network
+
+                nets["net"] = load_network(c.weights, dev, prior=c.prior if c.prior != "builtin" else None,
+                                           config=_net_config_for(c))
+            return nets["net"]
+
+        if method == "network":
+            from pipelines.network.weights import resolve_weights
+
+            resolve_weights(weights)  # fail early, once, with the fix
+    except FhavatarError as e:
+        fail(e)
+
+    def job_for(spec: Path):
+        def job():
+            with ui.progress(f"reconstruct {spec.name}", None) as advance:
+                return reconstruct_item(spec, out, head, cfg, dev, net_loader, progress=advance, force=force,
+                                        export_ply=ply)
+        return job
+
+    _finish(run_batch([(str(p), p.name, job_for(p)) for p in items], on_result=ui.item, fail_fast=fail_fast))
+
+
+def _net_config_for(cfg):
+    from pipelines.network.config import NetworkConfig
+
+    return NetworkConfig(uv_size=cfg.uv_size, prior=cfg.prior)
+
+
+@app.command()
+def reenact(
+    avatar: str = typer.Argument(..., help="avatar.npz (or its item folder)."),
+    driving: List[str] = typer.Argument(..., help="Driving videos, tracking .npz files or preprocessed folders."),
+    out: Path = _out_option(),
+    output: Optional[Path] = typer.Option(None, "--output", help="mp4 path (single driving input)."),
+    png_dir: Optional[Path] = typer.Option(None, "--png-dir", help="Also write RGBA PNGs here."),
+    motion: str = typer.Option("relative", help="relative (cross-identity) or absolute (self-reenactment)."),
+    camera: str = typer.Option("driving", help="driving, source or orbit."),
+    size: int = typer.Option(512, help="Resolution."),
+    fps: float = typer.Option(25.0),
+    max_frames: int = typer.Option(0, help="Use at most N driving frames (0 = all)."),
+    background: str = typer.Option("white"),
+    renderer: str = typer.Option("auto", help=RENDERER_HELP),
+    shard: Optional[str] = typer.Option(None, help=SHARD_HELP),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Drive an avatar with videos or tracked motion and render it (mp4, optional PNG + alpha)."""
+    from pipelines.batch import run_batch
+    from pipelines.reenact import ReenactConfig, driving_tracking, run_reenact
+    from pipelines.stages import preprocessed_dir
+    from pipelines.store import item_id
+
+    ui = State.ui
+    try:
+        dev = resolve_device(device)
+        avatar_path = _avatar_path(avatar)
+        cfg = ReenactConfig(size=size, fps=fps, motion=motion, camera=camera, background=parse_color(background),
+                            max_frames=max_frames)
+        specs = [Path(d) for d in driving] if all(Path(d).exists() for d in driving) else _select(driving, None, shard)
+        if output is not None and len(specs) > 1:
+            raise ConfigError("--output names one file but several driving inputs were given", "omit --output")
+    except FhavatarError as e:
+        fail(e)
+
+    def job_for(spec: Path):
+        def job():
+            if spec.suffix.lower() == ".npz" or spec.is_dir():
+                trk = driving_tracking(spec)
+            else:
+                from pipelines.head.registry import load_head_model
+
+                pp = preprocessed_dir(spec, out, load_head_model("auto"))
+                trk = driving_tracking(pp)
+            did = item_id(spec) if spec.is_file() else spec.name
+            video = output or avatar_path.parent.parent / "reenact" / did / "video.mp4"
+            with ui.progress(f"reenact {spec.name}", trk.num_frames if not max_frames else
+                             min(max_frames, trk.num_frames)) as advance:
+                n = run_reenact(avatar_path, trk, video, png_dir, cfg, backend=renderer, device=dev, progress=advance)
+            return "done", {"video": str(video), "frames": n}
+        return job
+
+    _finish(run_batch([(str(s), s.name, job_for(s)) for s in specs], on_result=ui.item))
+
+
+@app.command()
+def status(out: Path = typer.Argument(..., help="An output folder of fhavatar.")) -> None:
+    """Summarize done / failed / running stages per item of an output folder."""
+    from rich.table import Table
+
+    from pipelines.store import Manifest
+
+    ui = State.ui
+    if not out.is_dir():
+        fail(ConfigError(f"output folder '{out}' not found"))
+    stages = ("preprocess", "avatar", "turntable", "eval")
+    table = Table("item", *stages, "reenact")
+    totals: dict[str, dict[str, int]] = {s: {} for s in stages + ("reenact",)}
+    for item in sorted(p for p in out.iterdir() if p.is_dir()):
+        row = []
+        for s in stages:
+            m = Manifest.load(item / s)
+            st = m.status if m else ("-" if not (item / s).exists() else "incomplete")
+            totals[s][st] = totals[s].get(st, 0) + 1
+            row.append(st if not (m and m.error) else f"{st}: {m.error[:40]}")
+        reen = sorted((item / "reenact").glob("*/manifest.json")) if (item / "reenact").is_dir() else []
+        row.append(f"{len(reen)}" if reen else "-")
+        table.add_row(item.name, *row)
+        ui.event("status", item=item.name, **dict(zip(stages, row)))
+    if not ui.log_json:
+        ui.out.print(table)
+        ui.out.print(", ".join(f"{s}: " + " ".join(f"{v} {k}" for k, v in c.items() if k != "-") for s, c in
+                               totals.items() if any(k != "-" for k in c)))

@@ -54,7 +54,7 @@ def run_turntable(
     avatar = load_avatar(avatar_path)
     head = head_for_avatar(avatar, device, str(avatar_path)).to(device)
     rig = build_rig(avatar, head, device)
-    params = HeadParams.from_dict(avatar.source_params, device=device) if avatar.source_params else head.zero_params()
+    params = avatar.source_head_params(device) if avatar.source_params else head.zero_params()
     params.rotation = torch.zeros_like(params.rotation)
     params.translation = torch.zeros_like(params.translation)
     if cfg.expression == "neutral":

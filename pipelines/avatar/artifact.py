@@ -49,6 +49,12 @@ class Avatar:
     def delta_p_tensor(self, device="cpu") -> torch.Tensor:
         return torch.as_tensor(self.delta_p, dtype=torch.float32, device=device)[None]
 
+    def source_head_params(self, device="cpu"):
+        """The source frame's tracked parameters (batch 1) with the avatar's shape."""
+        from ..head.base import HeadParams
+
+        return HeadParams.from_dict({**self.source_params, "shape": np.asarray(self.shape)[None]}, device=device)
+
 
 def save_avatar(path: str | Path, avatar: Avatar, half: bool = True) -> None:
     """Write atomically. Maps are stored in float16 by default (ample for colours/attributes, halves the size)."""
