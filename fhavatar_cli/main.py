@@ -13,6 +13,7 @@ import typer
 
 from pipelines.batch import EXIT_USAGE, EXIT_WEIGHTS
 from pipelines.errors import ConfigError, FhavatarError, WeightsError
+from pipelines.store import ensure_dir
 
 from .ui import UI
 
@@ -131,9 +132,6 @@ def _avatar_path(spec: str) -> Path:
     raise InputError(f"avatar '{spec}' not found", "pass an avatar.npz or an item folder made by `fhavatar reconstruct`")
 
 
-if __name__ == "__main__":
-    app()
-
 
 # ------------------------------------------------------------------------------------------------ shared options
 def _out_option(default: str = "fhavatar_out"):
@@ -144,10 +142,18 @@ SHARD_HELP = ("This job's part of the inputs, i/n (0-based). Default: from SLURM
               "(or SGE/LSF/PBS equivalents), else all inputs.")
 
 
+def _is_item_folder(p: Path) -> bool:
+    """A folder written by fhavatar for one input (it holds preprocess/ or a tracking file), not a folder of inputs."""
+    return p.is_dir() and ((p / "preprocess" / "tracking.npz").is_file() or (p / "tracking.npz").is_file())
+
+
 def _select(inputs: List[str], exts, shard: Optional[str]) -> list[Path]:
+    """Expand files, folders, globs and @lists (keeping fhavatar item folders whole), then take this shard."""
     from pipelines.store import expand_inputs, parse_shard, select_shard
 
-    items = expand_inputs(inputs, exts)
+    items: list[Path] = []
+    for spec in inputs:
+        items += [Path(spec)] if _is_item_folder(Path(spec)) else expand_inputs([spec], exts)
     i, n = parse_shard(shard)
     return select_shard(items, i, n)
 
@@ -197,6 +203,7 @@ def preprocess(
     ui = State.ui
     try:
         items = _select(inputs, IMAGE_EXTS + VIDEO_EXTS, shard)
+        ensure_dir(out)
         bg = tuple(int(round(c * 255)) for c in parse_color(background))
         cfg = PreprocessConfig(size=size, background=bg, max_frames=max_frames, stride=stride, fps=fps,
                                face_index=face_index)
@@ -236,12 +243,14 @@ def reconstruct(
     from pipelines.batch import run_batch
     from pipelines.reconstruct import ReconstructConfig
     from pipelines.stages import reconstruct_item
+    from pipelines.store import IMAGE_EXTS, VIDEO_EXTS
 
     ui = State.ui
     try:
         cfg = ReconstructConfig(method=method, uv_size=uv_size, source_frame=source_frame, refine_steps=refine_steps,
                                 weights=weights, prior=prior).validate()
-        items = _select(inputs, None, shard) if not all(Path(i).is_dir() for i in inputs) else [Path(i) for i in inputs]
+        items = _select(inputs, IMAGE_EXTS + VIDEO_EXTS, shard)
+        ensure_dir(out)
         dev = resolve_device(device)
         head = _load_head(head_model, dev)
         nets: dict = {}
@@ -298,7 +307,7 @@ def reenact(
     from pipelines.batch import run_batch
     from pipelines.reenact import ReenactConfig, driving_tracking, run_reenact
     from pipelines.stages import preprocessed_dir
-    from pipelines.store import item_id
+    from pipelines.store import VIDEO_EXTS, item_id
 
     ui = State.ui
     try:
@@ -306,7 +315,8 @@ def reenact(
         avatar_path = _avatar_path(avatar)
         cfg = ReenactConfig(size=size, fps=fps, motion=motion, camera=camera, background=parse_color(background),
                             max_frames=max_frames)
-        specs = [Path(d) for d in driving] if all(Path(d).exists() for d in driving) else _select(driving, None, shard)
+        specs = _select(driving, VIDEO_EXTS + (".npz",), shard)
+        ensure_dir(out)
         if output is not None and len(specs) > 1:
             raise ConfigError("--output names one file but several driving inputs were given", "omit --output")
     except FhavatarError as e:
@@ -360,3 +370,7 @@ def status(out: Path = typer.Argument(..., help="An output folder of fhavatar.")
         ui.out.print(table)
         ui.out.print(", ".join(f"{s}: " + " ".join(f"{v} {k}" for k, v in c.items() if k != "-") for s, c in
                                totals.items() if any(k != "-" for k in c)))
+
+
+if __name__ == "__main__":
+    app()

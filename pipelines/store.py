@@ -64,6 +64,22 @@ def item_id(path: str | Path, digest: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ atomic writes
+_WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC)
+
+
+def ensure_dir(folder: str | Path) -> Path:
+    """Create ``folder`` (and parents); an unwritable location is an ``InputError`` that says so in one line."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno in _WRITE_ERRNOS:
+            raise InputError(f"cannot create output folder '{folder}': {e.strerror.lower()}",
+                             "choose a writable --out folder") from e
+        raise
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path`` (atomic on POSIX).
@@ -72,16 +88,15 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     the final name. ``suffix`` keeps the extension for writers that look at it (e.g. ``.mp4`` for ffmpeg).
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except PermissionError as e:
-        raise InputError(f"cannot create output folder '{path.parent}': permission denied",
-                         "choose a writable --out folder") from e
+    ensure_dir(path.parent)
     sfx = suffix if suffix is not None else path.suffix
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{sfx}", dir=path.parent)
-    except PermissionError as e:
-        raise InputError(f"cannot write into '{path.parent}': permission denied", "choose a writable --out folder") from e
+    except OSError as e:
+        if e.errno in _WRITE_ERRNOS:
+            raise InputError(f"cannot write into '{path.parent}': {e.strerror.lower()}",
+                             "choose a writable --out folder") from e
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -169,7 +184,7 @@ class ItemLocked(Exception):
 @contextlib.contextmanager
 def item_lock(item_dir: Path) -> Iterator[None]:
     """Exclusive, non-blocking per-item lock (released automatically if the process dies)."""
-    item_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(item_dir)
     fd = os.open(item_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
     try:
         try:

@@ -130,8 +130,9 @@ class HeadModel(nn.Module):
         """(B, L, 3) landmark positions on posed vertices (B, V, 3)."""
         if self.landmarks is None:
             raise RuntimeError(f"head model {self.name!r} has no landmark embedding")
-        tri = verts[:, self.faces[self.landmarks.faces]]  # (B, L, 3, 3)
-        return (tri * self.landmarks.bary[None, :, :, None]).sum(2)
+        lm = self.landmarks
+        tri = verts[:, self.faces[lm.faces.to(verts.device)]]  # (B, L, 3, 3)
+        return (tri * lm.bary.to(verts)[None, :, :, None]).sum(2)
 
     def head_center(self) -> torch.Tensor:
         """(3,) a point in the middle of the head (where default cameras look)."""
