@@ -5,7 +5,6 @@ Commands read and write artifacts under an output folder (``--out``); re-running
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -88,10 +87,12 @@ def turntable(
     background: str = typer.Option("white", help="white, black, grey, #RRGGBB or r,g,b."),
     expression: str = typer.Option("source", help="source (the photo's expression) or neutral."),
     renderer: str = typer.Option("auto", help=RENDERER_HELP),
+    force: bool = typer.Option(False, help="Redo finished turntables."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Render a 360-degree orbit of an avatar to mp4 and/or PNGs."""
     from pipelines.batch import exit_code, run_batch
+    from pipelines.stages import turntable_item
     from pipelines.turntable import TurntableConfig, run_turntable
 
     ui = State.ui
@@ -112,10 +113,11 @@ def turntable(
     def job_for(spec: str):
         def job():
             path = _avatar_path(spec)
-            video = None if no_video else (output or path.parent.parent / "turntable" / "turntable.mp4")
             with ui.progress(f"turntable {Path(spec).name}", cfg.frames) as advance:
-                n = run_turntable(path, video, png_dir, cfg, backend=renderer, device=dev, progress=advance)
-            return "done", {"video": str(video), "frames": n}
+                if no_video:
+                    n = run_turntable(path, None, png_dir, cfg, backend=renderer, device=dev, progress=advance)
+                    return "done", {"frames": n}
+                return turntable_item(path, cfg, output, png_dir, renderer, dev, advance, force)
         return job
 
     results = run_batch([(a, a, job_for(a)) for a in avatars], on_result=ui.item)
@@ -300,14 +302,16 @@ def reenact(
     max_frames: int = typer.Option(0, help="Use at most N driving frames (0 = all)."),
     background: str = typer.Option("white"),
     renderer: str = typer.Option("auto", help=RENDERER_HELP),
+    head_model: str = typer.Option("auto", help="Head model for tracking driving videos: auto, flame or embedded."),
     shard: Optional[str] = typer.Option(None, help=SHARD_HELP),
+    force: bool = typer.Option(False, help="Redo finished reenactments."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Drive an avatar with videos or tracked motion and render it (mp4, optional PNG + alpha)."""
     from pipelines.batch import run_batch
-    from pipelines.reenact import ReenactConfig, driving_tracking, run_reenact
-    from pipelines.stages import preprocessed_dir
-    from pipelines.store import VIDEO_EXTS, item_id
+    from pipelines.reenact import ReenactConfig
+    from pipelines.stages import reenact_item
+    from pipelines.store import VIDEO_EXTS
 
     ui = State.ui
     try:
@@ -317,6 +321,7 @@ def reenact(
                             max_frames=max_frames)
         specs = _select(driving, VIDEO_EXTS + (".npz",), shard)
         ensure_dir(out)
+        head = _load_head(head_model, dev)
         if output is not None and len(specs) > 1:
             raise ConfigError("--output names one file but several driving inputs were given", "omit --output")
     except FhavatarError as e:
@@ -324,19 +329,8 @@ def reenact(
 
     def job_for(spec: Path):
         def job():
-            if spec.suffix.lower() == ".npz" or spec.is_dir():
-                trk = driving_tracking(spec)
-            else:
-                from pipelines.head.registry import load_head_model
-
-                pp = preprocessed_dir(spec, out, load_head_model("auto"))
-                trk = driving_tracking(pp)
-            did = item_id(spec) if spec.is_file() else spec.name
-            video = output or avatar_path.parent.parent / "reenact" / did / "video.mp4"
-            with ui.progress(f"reenact {spec.name}", trk.num_frames if not max_frames else
-                             min(max_frames, trk.num_frames)) as advance:
-                n = run_reenact(avatar_path, trk, video, png_dir, cfg, backend=renderer, device=dev, progress=advance)
-            return "done", {"video": str(video), "frames": n}
+            with ui.progress(f"reenact {spec.name}", max_frames or None) as advance:
+                return reenact_item(avatar_path, spec, out, head, cfg, output, png_dir, renderer, dev, advance, force)
         return job
 
     _finish(run_batch([(str(s), s.name, job_for(s)) for s in specs], on_result=ui.item))
@@ -370,6 +364,70 @@ def status(out: Path = typer.Argument(..., help="An output folder of fhavatar.")
         ui.out.print(table)
         ui.out.print(", ".join(f"{s}: " + " ".join(f"{v} {k}" for k, v in c.items() if k != "-") for s, c in
                                totals.items() if any(k != "-" for k in c)))
+
+
+
+@app.command("run")
+def run_chain(
+    inputs: List[str] = typer.Argument(..., help="Portraits / videos (files, folders, globs, @list.txt)."),
+    out: Path = _out_option(),
+    driving: List[str] = typer.Option([], "--driving", "-d", help="Driving videos or tracking files (repeatable)."),
+    turntable_frames: int = typer.Option(120, help="Turntable frames (0 = no turntable)."),
+    size: int = typer.Option(512, help="Render resolution."),
+    method: str = typer.Option("network", help="Reconstruction method: network, unproject or template."),
+    weights: Optional[str] = typer.Option(None, help="Network checkpoint (default: the embedded weights)."),
+    head_model: str = typer.Option("auto", help="auto, flame or embedded."),
+    renderer: str = typer.Option("auto", help=RENDERER_HELP),
+    shard: Optional[str] = typer.Option(None, help=SHARD_HELP),
+    fail_fast: bool = typer.Option(False, help="Stop at the first failed item."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Chain preprocess -> reconstruct -> reenact (each --driving input) -> turntable for every input."""
+    from pipelines.batch import run_batch
+    from pipelines.reconstruct import ReconstructConfig
+    from pipelines.reenact import ReenactConfig
+    from pipelines.stages import reconstruct_item, reenact_item, turntable_item
+    from pipelines.store import IMAGE_EXTS, VIDEO_EXTS
+    from pipelines.turntable import TurntableConfig
+
+    ui = State.ui
+    try:
+        items = _select(inputs, IMAGE_EXTS + VIDEO_EXTS, shard)
+        drivers = _select(driving, VIDEO_EXTS + (".npz",), None) if driving else []
+        ensure_dir(out)
+        dev = resolve_device(device)
+        head = _load_head(head_model, dev)
+        cfg = ReconstructConfig(method=method, weights=weights).validate()
+        if method == "network":
+            from pipelines.network.weights import resolve_weights
+
+            resolve_weights(weights)
+    except FhavatarError as e:
+        fail(e)
+    nets: dict = {}
+
+    def net_loader(c):
+        if "net" not in nets:
+            from pipelines.network.weights import load_network
+
+            nets["net"] = load_network(c.weights, dev)
+        return nets["net"]
+
+    def job_for(spec: Path):
+        def job():
+            status, outputs = reconstruct_item(spec, out, head, cfg, dev, net_loader)
+            avatar = Path(outputs["avatar"])
+            for d in drivers:
+                with ui.progress(f"reenact {spec.name} <- {d.name}", None) as advance:
+                    reenact_item(avatar, d, out, head, ReenactConfig(size=size), None, None, renderer, dev, advance)
+            if turntable_frames:
+                tcfg = TurntableConfig(frames=turntable_frames, size=size)
+                with ui.progress(f"turntable {spec.name}", tcfg.frames) as advance:
+                    turntable_item(avatar, tcfg, None, None, renderer, dev, advance)
+            return status, outputs
+        return job
+
+    _finish(run_batch([(str(p), p.name, job_for(p)) for p in items], on_result=ui.item, fail_fast=fail_fast))
 
 
 if __name__ == "__main__":

@@ -119,3 +119,46 @@ def reconstruct_item(spec: Path, out: Path, head, cfg, device: str = "cpu", net_
 
     status, outputs = run_stage(item_dir / "avatar", {**settings, "ply": export_ply}, inputs, work, force=force)
     return status, {"avatar": str(item_dir / "avatar" / "avatar.npz"), **outputs}
+
+
+def turntable_item(avatar: Path, cfg, video: Path | None = None, png_dir: Path | None = None, backend: str = "auto",
+                   device: str = "cpu", progress: Progress = None, force: bool = False) -> tuple[str, dict]:
+    """``<item>/turntable/turntable.mp4`` (or ``video``) for an avatar; skipped when avatar and settings are unchanged."""
+    from .turntable import run_turntable
+
+    stage = avatar.parent.parent / "turntable" if video is None else video.parent
+    name = "turntable.mp4" if video is None else video.name
+
+    def work(folder: Path) -> list[str]:
+        run_turntable(avatar, folder / name, png_dir, cfg, backend=backend, device=device, progress=progress)
+        return [name]
+
+    settings = {**asdict(cfg), "png_dir": str(png_dir) if png_dir else None}
+    status, outputs = run_stage(stage, settings, {"avatar": avatar}, work, force=force or png_dir is not None,
+                                lock_dir=stage.parent)
+    return status, {"video": str(stage / name), **outputs}
+
+
+def reenact_item(avatar: Path, driving: Path, out: Path, head, cfg, video: Path | None = None,
+                 png_dir: Path | None = None, backend: str = "auto", device: str = "cpu", progress: Progress = None,
+                 force: bool = False) -> tuple[str, dict]:
+    """``<item>/reenact/<driving-id>/video.mp4``: the avatar driven by a video, tracking file or preprocessed folder."""
+    from .reenact import driving_tracking, run_reenact
+
+    if driving.is_file() and driving.suffix.lower() != ".npz":
+        driving = preprocessed_dir(driving, out, head)
+    trk_file = next(p for p in (driving, driving / "tracking.npz", driving / "preprocess" / "tracking.npz")
+                    if p.is_file()) if not driving.is_file() else driving
+    did = item_id(trk_file) if video is None else video.stem
+    stage = avatar.parent.parent / "reenact" / did if video is None else video.parent
+    name = "video.mp4" if video is None else video.name
+
+    def work(folder: Path) -> list[str]:
+        run_reenact(avatar, driving_tracking(trk_file), folder / name, png_dir, cfg, backend=backend, device=device,
+                    progress=progress)
+        return [name]
+
+    settings = {**asdict(cfg), "png_dir": str(png_dir) if png_dir else None}
+    status, outputs = run_stage(stage, settings, {"avatar": avatar, "driving": trk_file}, work,
+                                force=force or png_dir is not None, lock_dir=stage.parent)
+    return status, {"video": str(stage / name), **outputs}

@@ -12,7 +12,6 @@ import torch
 from .avatar.artifact import load_avatar
 from .core.camera import DEFAULT_RADIUS, Camera, fov_to_focal, normalized_intrinsics, orbit_cameras
 from .animate import build_rig, head_for_avatar, render_sequence
-from .head.base import HeadParams
 from .video import write_png, write_video
 
 

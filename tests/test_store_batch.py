@@ -1,6 +1,5 @@
 """Artifact store and batch runner: atomic writes, skip/redo logic, corruption detection, shards, isolation."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 from pipelines.batch import EXIT_INTERRUPTED, EXIT_ITEM_FAILED, EXIT_OK, exit_code, run_batch, run_stage
 from pipelines.errors import InputError
 from pipelines.store import (
-    Manifest, atomic_path, expand_inputs, item_id, item_lock, ItemLocked, parse_shard, select_shard, shard_from_env,
+    Manifest, atomic_path, expand_inputs, item_id, item_lock, parse_shard, select_shard, shard_from_env,
 )
 
 

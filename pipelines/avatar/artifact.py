@@ -6,7 +6,6 @@ Everything needed to re-pose and render the avatar later is inside; the Gaussian
 
 from __future__ import annotations
 
-import io
 import json
 import zipfile
 from dataclasses import dataclass, field

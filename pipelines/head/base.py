@@ -7,7 +7,7 @@ MediaPipe's 478 face-mesh points to surface points (face id + barycentrics).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
