@@ -22,8 +22,11 @@ FHAVATAR=${FHAVATAR:-fhavatar}
 
 # SLURM sets CUDA_VISIBLE_DEVICES for the allocated GPU, so each task uses its own GPU as cuda:0.
 "$FHAVATAR" --log-json run "@$LIST" --out "$OUT" --turntable-frames 120 --device auto &
-wait $!            # `wait` lets the TERM from --signal reach fhavatar, which stops after the current item
-code=$?
+pid=$!
+# --signal=B:TERM signals this shell only: pass it on; fhavatar then stops after the current item (exit 130).
+trap 'kill -TERM "$pid" 2>/dev/null' TERM
+wait "$pid"; code=$?
+if kill -0 "$pid" 2>/dev/null || [ "$code" -gt 128 ]; then wait "$pid"; code=$?; fi
 case $code in
   0)   echo "task $SLURM_ARRAY_TASK_ID: all items done" >&2 ;;
   1)   echo "task $SLURM_ARRAY_TASK_ID: some items failed (see the JSON lines / fhavatar status $OUT)" >&2 ;;
