@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -84,3 +85,19 @@ def render_sequence(
             yield Frame(rgb[b], alpha[b])
         if progress is not None:
             progress(len(idx))
+
+
+def write_frames(frames: Iterable[Frame], video_path: str | Path | None, png_dir: str | Path | None,
+                 fps: float) -> int:
+    """Stream frames to an mp4 and/or an RGBA PNG sequence; returns the number of frames."""
+    from .video import write_png, write_video
+
+    def tee() -> Iterator[np.ndarray]:
+        for i, fr in enumerate(frames):
+            if png_dir is not None:
+                write_png(Path(png_dir) / f"{i:06d}.png", np.concatenate([fr.rgb, fr.alpha[..., None]], -1))
+            yield fr.rgb
+
+    if video_path is not None:
+        return write_video(video_path, tee(), fps=fps)
+    return sum(1 for _ in tee())

@@ -9,21 +9,20 @@ shape from the avatar.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .animate import build_rig, head_for_avatar, render_sequence
+from .animate import build_rig, head_for_avatar, render_sequence, write_frames
 from .avatar.artifact import Avatar, load_avatar
 from .core.camera import Camera, orbit_cameras
 from .errors import InputError
 from .head.base import HeadParams
 from .tracking.motion import transfer_motion
 from .tracking.result import TrackingResult, load_tracking
-from .video import write_png, write_video
 
 
 @dataclass
@@ -94,17 +93,5 @@ def run_reenact(
     target = [float(x) for x in head.head_center().tolist()]
     cams = reenact_cameras(cfg, avatar, driving, target, T)
     frames = render_sequence(rig, params, cams, cfg.size, cfg.background, backend, cfg.batch_size, progress)
+    return write_frames(frames, video_path, png_dir, cfg.fps)
 
-    def tee():
-        for i, fr in enumerate(frames):
-            if png_dir is not None:
-                write_png(Path(png_dir) / f"{i:06d}.png", np.concatenate([fr.rgb, fr.alpha[..., None]], -1))
-            yield fr.rgb
-
-    if video_path is not None:
-        return write_video(video_path, tee(), fps=cfg.fps)
-    return sum(1 for _ in tee())
-
-
-def reenact_settings(cfg: ReenactConfig) -> dict:
-    return asdict(cfg)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -11,8 +11,7 @@ import torch
 
 from .avatar.artifact import load_avatar
 from .core.camera import DEFAULT_RADIUS, Camera, fov_to_focal, normalized_intrinsics, orbit_cameras
-from .animate import build_rig, head_for_avatar, render_sequence
-from .video import write_png, write_video
+from .animate import build_rig, head_for_avatar, render_sequence, write_frames
 
 
 @dataclass
@@ -61,17 +60,5 @@ def run_turntable(
     target = tuple(float(x) for x in head.head_center().tolist())
     cams = turntable_cameras(cfg, target)
     frames = render_sequence(rig, params, cams, cfg.size, cfg.background, backend, cfg.batch_size, progress)
+    return write_frames(frames, video_path, png_dir, cfg.fps)
 
-    def tee():
-        for i, fr in enumerate(frames):
-            if png_dir is not None:
-                write_png(Path(png_dir) / f"{i:06d}.png", np.concatenate([fr.rgb, fr.alpha[..., None]], -1))
-            yield fr.rgb
-
-    if video_path is not None:
-        return write_video(video_path, tee(), fps=cfg.fps)
-    return sum(1 for _ in tee())
-
-
-def turntable_settings(cfg: TurntableConfig) -> dict:
-    return asdict(cfg)
