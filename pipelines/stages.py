@@ -97,7 +97,7 @@ def reconstruct_item(spec: Path, out: Path, head, cfg, device: str = "cpu", net_
         from .network.weights import resolve_weights
 
         wpath = resolve_weights(cfg.weights)
-        weights_hash = hash_file(wpath)
+        weights_hash = wpath if isinstance(wpath, str) else hash_file(wpath)  # "random": seeded, untrained
         inputs["weights"] = weights_hash
 
     def work(folder: Path) -> list[str]:
