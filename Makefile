@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q --no-deps "lpips==0.1.4"  # data only (LPIPS linear layers); its deps would pull torchvision
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
