@@ -128,26 +128,59 @@ def test_lpips_is_unavailable_without_cached_backbone_weights(astronaut, tmp_pat
     M.lpips_model.cache_clear()
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # torchvision's 'pretrained' deprecation inside lpips
-def test_lpips_backbone_file_fills_lpips_network(astronaut, tmp_path, monkeypatch):
-    """With a backbone file in torchvision's layout (random weights here: no real one can be had offline) our loader
-    reproduces the lpips package's own network, and compute_metrics uses it."""
-    import lpips
-    import torchvision
+def _random_backbone_file(path, net: str = "alex", seed: int = 0):
+    """A backbone file in torchvision's layout (``features.<i>.weight|bias``) with random weights: no real ImageNet
+    file can be had offline, but the loader's key mapping and the network's arithmetic are the same."""
+    from pipelines.evaluate.lpips_net import LpipsNet
 
-    torch.manual_seed(0)
-    ref = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False).eval()
-    tv = torchvision.models.alexnet(weights=None).state_dict()
-    for name, p in ref.net.state_dict().items():
-        _, idx, param = name.split(".")
-        tv[f"features.{idx}.{param}"] = p.clone()
+    torch.manual_seed(seed)
+    ref = LpipsNet(net)
+    for m in ref.features:
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+            torch.nn.init.uniform_(m.bias, -0.1, 0.1)
+    torch.save({f"features.{k}": v for k, v in ref.features.state_dict().items()} | {"classifier.1.weight":
+               torch.zeros(4, 4)}, path)
+    return ref
+
+
+def test_lpips_network_matches_a_direct_computation(tmp_path):
+    """Our LPIPS equals the formula written out by hand: scaling layer, ReLU taps, channel-normalised squared
+    differences weighted by the wheel's calibrated linear layers, spatial mean, sum over taps."""
+    import torch.nn.functional as F
+
+    from pipelines.evaluate.lpips_net import lpips_linear_weights_path
+
     path = tmp_path / "alexnet-owt-7be5be79.pth"
-    torch.save(tv, path)
+    ref = _random_backbone_file(path)
     ours = M.Lpips("alex", backbone_path=path, verify_hash=False)
+    lin = torch.load(lpips_linear_weights_path("alex"), map_location="cpu", weights_only=True)
+    assert all(float(w.min()) >= 0 for w in lin.values())  # LPIPS' calibrated weights are non-negative
     a, b = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(a, b), ref(a, b, normalize=True).reshape(-1))
 
+    def taps(x):
+        sd = ref.features.state_dict()
+        x = (2 * x - 1 - torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)) / torch.tensor(
+            [0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+        x = F.relu(F.conv2d(x, sd["0.weight"], sd["0.bias"], stride=4, padding=2)); out = [x]
+        x = F.relu(F.conv2d(F.max_pool2d(x, 3, 2), sd["3.weight"], sd["3.bias"], padding=2)); out.append(x)
+        x = F.relu(F.conv2d(F.max_pool2d(x, 3, 2), sd["6.weight"], sd["6.bias"], padding=1)); out.append(x)
+        x = F.relu(F.conv2d(x, sd["8.weight"], sd["8.bias"], padding=1)); out.append(x)
+        x = F.relu(F.conv2d(x, sd["10.weight"], sd["10.bias"], padding=1)); out.append(x)
+        return out
+
+    want = 0
+    for k, (fa, fb) in enumerate(zip(taps(a), taps(b))):
+        na = fa / (fa.norm(dim=1, keepdim=True) + 1e-10)
+        nb = fb / (fb.norm(dim=1, keepdim=True) + 1e-10)
+        want = want + ((na - nb) ** 2 * lin[f"lin{k}.model.1.weight"].view(1, -1, 1, 1)).sum(1).mean((1, 2))
+    torch.testing.assert_close(ours(a, b), want, rtol=1e-4, atol=1e-6)
+
+
+def test_lpips_backbone_file_drives_compute_metrics(astronaut, tmp_path, monkeypatch):
+    path = tmp_path / "alexnet-owt-7be5be79.pth"
+    _random_backbone_file(path)
+    ours = M.Lpips("alex", backbone_path=path, verify_hash=False)
     monkeypatch.setattr(M, "lpips_model", lambda net="alex": ours)
     rng = np.random.default_rng(1)
     noisy = [np.clip(astronaut + rng.normal(0, s, astronaut.shape), 0, 1) for s in (0.05, 0.2)]
@@ -158,13 +191,21 @@ def test_lpips_backbone_file_fills_lpips_network(astronaut, tmp_path, monkeypatc
     assert "LPIPS v0.1 alex" in res.models["lpips"]
 
 
-def test_forbid_downloads_stops_torchvision_fetching_weights(tmp_path, monkeypatch):
-    import torchvision
+def test_lpips_net_is_differentiable_for_the_training_loss(tmp_path):
+    path = tmp_path / "vgg16-397923af.pth"
+    _random_backbone_file(path, "vgg")
+    net = M.Lpips("vgg", backbone_path=path, verify_hash=False).net
+    a = torch.rand(1, 3, 64, 64, requires_grad=True)
+    net(a, torch.rand(1, 3, 64, 64)).sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in net.parameters())  # frozen
 
+
+def test_forbid_downloads_stops_torch_hub_fetching_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(M.ModelUnavailable, match="would download"):
         with M.forbid_downloads():
-            torchvision.models.alexnet(weights="DEFAULT")
+            torch.hub.load_state_dict_from_url("https://download.pytorch.org/models/alexnet-owt-7be5be79.pth")
     assert not any(tmp_path.rglob("*.pth"))
 
 

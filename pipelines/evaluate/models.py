@@ -292,18 +292,21 @@ LPIPS_BACKBONES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pt
 class Lpips:
     """LPIPS (Zhang et al. 2018, v0.1 linear layers) with the torchvision backbone read from a local file.
 
-    The ``lpips`` package ships its linear layers but builds the backbone with torchvision's ``pretrained=True``,
-    which downloads; here the backbone is built empty and filled from the torch hub cache file instead.
-    Call with (N, 3, H, W) float in [0, 1]; returns (N,) distances (spatially averaged).
+    The linear layers come from the ``lpips`` wheel's data files, the backbone from torchvision's ImageNet file in
+    the torch hub cache (or ``backbone_path``); the network itself is ours (:class:`lpips_net.LpipsNet`), so neither
+    the ``lpips`` package nor torchvision is imported. Call with (N, 3, H, W) float in [0, 1]; returns (N,)
+    distances (spatially averaged). ``self.net`` is the differentiable module (the training loss uses it).
     """
 
     def __init__(self, net: str = "alex", backbone_path: str | Path | None = None, verify_hash: bool = True) -> None:
+        from .lpips_net import LpipsNet, lpips_linear_weights_path
+
         if net not in LPIPS_BACKBONES:
             raise ModelUnavailable(f"LPIPS backbone {net!r} is not supported (use one of {sorted(LPIPS_BACKBONES)})")
-        try:
-            import lpips
-        except Exception as exc:
-            raise ModelUnavailable(f"the lpips package is not installed ({exc}); pip install lpips==0.1.4") from exc
+        linear = lpips_linear_weights_path(net)
+        if linear is None:
+            raise ModelUnavailable("LPIPS' linear layers come from the lpips wheel, which is not installed; "
+                                   "pip install --no-deps lpips==0.1.4")
         fname = LPIPS_BACKBONES[net]
         path = Path(backbone_path) if backbone_path is not None else hub_checkpoints_dir() / fname
         if not path.is_file():
@@ -315,17 +318,10 @@ class Lpips:
             prefix = fname.rsplit("-", 1)[-1].split(".")[0]
             if not _sha256(path).startswith(prefix):
                 raise ModelUnavailable(f"{path} is not torchvision's {fname} (sha256 does not start with {prefix})")
-        with forbid_downloads(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torchvision's 'pretrained' deprecation
-            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        backbone = torch.load(path, map_location="cpu", weights_only=True)
-        # lpips splits torchvision's `features` into slices that keep the original indices: sliceK.<idx>.weight.
-        state = {}
-        for name in model.net.state_dict():
-            _, idx, param = name.split(".")
-            state[name] = backbone[f"features.{idx}.{param}"]
-        model.net.load_state_dict(state)
-        self._model = model.eval().requires_grad_(False)
+        model = LpipsNet(net)
+        model.load_backbone(torch.load(path, map_location="cpu", weights_only=True))
+        model.load_linear(torch.load(linear, map_location="cpu", weights_only=True))
+        self.net = model.eval()
         self.card = ModelCard(
             f"LPIPS v0.1 {net} (Zhang et al. 2018)",
             f"lpips=={_version('lpips')} linear layers + torchvision {path.name}",
@@ -334,7 +330,8 @@ class Lpips:
 
     @torch.no_grad()
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self._model(a.float(), b.float(), normalize=True).reshape(-1)
+        self.net.to(a.device)
+        return self.net(a.float(), b.float())
 
 
 @functools.lru_cache(maxsize=4)
