@@ -7,12 +7,14 @@ the mesh moves, the Gaussian moves, rotates and scales with its triangle.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..head.base import HeadModel, HeadParams
+from ..head.lbs import axis_angle_to_matrix, blend_shapes
 from ..uv.space import UVSpace
 from .maps import ATTRIBUTE_SLICES
 
@@ -37,8 +39,8 @@ class Gaussians:
 
 def triangle_frames(verts: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal frames (B, F, 3, 3) (columns: tangent, bitangent, normal) and sizes (B, F) = sqrt(2 * area)."""
-    v0, v1, v2 = verts[:, faces[:, 0]], verts[:, faces[:, 1]], verts[:, faces[:, 2]]
-    e1, e2 = v1 - v0, v2 - v0
+    tri = verts[:, faces]  # (B, F, 3 corners, 3)
+    e1, e2 = (tri[:, :, 1:] - tri[:, :, :1]).unbind(-2)
     n = torch.cross(e1, e2, dim=-1)
     size = n.norm(dim=-1).clamp(min=1e-12).sqrt()
     n = F.normalize(n, dim=-1, eps=1e-12)
@@ -47,26 +49,41 @@ def triangle_frames(verts: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Ten
     return torch.stack([t, b, n], dim=-1), size
 
 
-def matrix_to_quat(R: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices (..., 3, 3) -> unit quaternions (..., 4) w,x,y,z.
+# The four candidate quaternions of a rotation matrix m (row-major m00..m22), times 4 * their largest-denominator
+# component: entry [i, j] = sum_t _QUAT_SIGN[i, j, t] * m[_QUAT_INDEX[i, j, t]] (+ 1 on the diagonal). Row i is the
+# candidate whose component i is computed from the diagonal, e.g. row 0 = (1 + m00 + m11 + m22, m21 - m12, ...).
+_QUAT_TERMS = (
+    ((("+", 0), ("+", 4), ("+", 8)), (("+", 7), ("-", 5)), (("+", 2), ("-", 6)), (("+", 3), ("-", 1))),
+    ((("+", 7), ("-", 5)), (("+", 0), ("-", 4), ("-", 8)), (("+", 3), ("+", 1)), (("+", 2), ("+", 6))),
+    ((("+", 2), ("-", 6)), (("+", 3), ("+", 1)), (("-", 0), ("+", 4), ("-", 8)), (("+", 5), ("+", 7))),
+    ((("+", 3), ("-", 1)), (("+", 6), ("+", 2)), (("+", 7), ("+", 5)), (("-", 0), ("-", 4), ("+", 8))),
+)
 
-    Computes the four algebraically equivalent candidates and keeps, per matrix, the one with the largest
-    denominator, which is accurate to float precision everywhere (no sign or small-component issues).
+
+@functools.lru_cache(maxsize=8)
+def _quat_tables(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather indices (48,), signs (4, 4, 3) and the 4x4 identity for ``matrix_to_quat``, cached per device: a
+    host-to-device copy every call would stall the stream (and cannot be captured in a CUDA graph)."""
+    index = torch.tensor([[[t[1] for t in e] + [0] * (3 - len(e)) for e in row] for row in _QUAT_TERMS])
+    sign = torch.tensor([[[1.0 if t[0] == "+" else -1.0 for t in e] + [0.0] * (3 - len(e)) for e in row]
+                         for row in _QUAT_TERMS])
+    return index.flatten().to(device), sign.to(device, dtype), torch.eye(4, dtype=dtype, device=device)
+
+
+def matrix_to_quat(R: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices (..., 3, 3) -> unit quaternions (..., 4) w,x,y,z with w >= 0.
+
+    Builds the four algebraically equivalent candidates (Shepperd's method) and keeps, per matrix, the one with the
+    largest denominator, which is accurate to float precision everywhere (no sign or small-component issues). The
+    candidates come from one gather of the matrix entries (a handful of kernels, not ~50: this runs every frame).
     """
     m = R.reshape(*R.shape[:-2], 9)
-    m00, m01, m02, m10, m11, m12, m20, m21, m22 = m.unbind(-1)
-    q_abs = torch.sqrt(torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22,
-                                    1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1).clamp(min=1e-12))
-    cand = torch.stack([
-        torch.stack([q_abs[..., 0] ** 2, m21 - m12, m02 - m20, m10 - m01], -1),
-        torch.stack([m21 - m12, q_abs[..., 1] ** 2, m10 + m01, m02 + m20], -1),
-        torch.stack([m02 - m20, m10 + m01, q_abs[..., 2] ** 2, m12 + m21], -1),
-        torch.stack([m10 - m01, m20 + m02, m21 + m12, q_abs[..., 3] ** 2], -1),
-    ], -2) / (2.0 * q_abs[..., None])
-    best = q_abs.argmax(-1)
+    index, sign, eye = _quat_tables(R.device, R.dtype)
+    cand = (m[..., index].unflatten(-1, (4, 4, 3)) * sign).sum(-1) + eye  # (..., 4, 4)
+    best = cand.diagonal(dim1=-2, dim2=-1).argmax(-1)  # largest (1 +- m00 +- m11 +- m22)
     q = torch.gather(cand, -2, best[..., None, None].expand(*best.shape, 1, 4))[..., 0, :]
-    q = q * torch.where(q[..., :1] < 0, -1.0, 1.0)
-    return F.normalize(q, dim=-1)
+    # Normalize and pick the w >= 0 sign in one division (w == 0 keeps the candidate's sign).
+    return q / torch.where(q[..., :1] < 0, -1.0, 1.0) / q.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
 def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -106,12 +123,53 @@ def posed_to_canonical_offsets(uv: UVSpace, offsets: torch.Tensor, posed: torch.
     return out.permute(0, 3, 1, 2) * uv.valid
 
 
+def quat_right_matrix(q: torch.Tensor) -> torch.Tensor:
+    """(..., 4, 4) matrices M(q) with ``M(q) @ p == quat_multiply(p, q)`` for quaternions q (..., 4) w,x,y,z.
+
+    The Hamilton product is linear in its left factor; with the right factor fixed per Gaussian, the product with a
+    per-frame rotation becomes one multiply-and-sum (instead of ~30 element-wise kernels of ``quat_multiply``).
+    """
+    w, x, y, z = q.unbind(-1)
+    return torch.stack([
+        torch.stack([w, -x, -y, -z], -1),
+        torch.stack([x, w, z, -y], -1),
+        torch.stack([y, -z, w, x], -1),
+        torch.stack([z, y, -x, w], -1),
+    ], -2)
+
+
+def forward_kinematics(rot: torch.Tensor, joints: torch.Tensor, parents: tuple[int, ...]) -> torch.Tensor:
+    """Skinning transforms (B, J, 3, 4) that map rest-pose points to posed points; the maths of
+    ``head.lbs.rigid_transforms``, with the kinematic tree as Python ints.
+
+    Args:
+        rot: (B, J, 3, 3) local joint rotations; joints: (B, J, 3) rest joint locations;
+        parents: parent of each joint (-1 for the root), topologically sorted.
+
+    Reading ``parents`` from a device tensor (``int(parents[j])``) would synchronise with the GPU on every call
+    and forbid CUDA-graph capture; Python ints cost nothing.
+    """
+    Rw: list[torch.Tensor] = []
+    tw: list[torch.Tensor] = []
+    for j, p in enumerate(parents):
+        if p < 0:
+            Rw.append(rot[:, j])
+            tw.append(joints[:, j])
+        else:
+            Rw.append(Rw[p] @ rot[:, j])
+            tw.append((Rw[p] @ (joints[:, j] - joints[:, p])[..., None])[..., 0] + tw[p])
+    R = torch.stack(Rw, 1)  # (B, J, 3, 3) world rotations
+    t = torch.stack(tw, 1) - (R @ joints[..., None])[..., 0]  # posed joints minus the rotated rest joints
+    return torch.cat([R, t[..., None]], -1)
+
+
 class AvatarRig:
     """Gaussians of B avatars (usually 1), ready to be posed; differentiable w.r.t. the maps (training uses it).
 
     Built from the attribute maps A (B, 14, K, K), the UV shape offset Δp_uv (B, 3, K, K) on the canonical mesh (or
     None) and the avatars' shapes (B, S); ``pose(verts)`` then places the Gaussians on posed meshes of the same head
-    model - the per-frame hot path of reenactment and turntables.
+    model - the per-frame hot path of reenactment and turntables. ``pose_params`` goes from tracked parameters to
+    Gaussians without a device synchronisation, so it can be captured in a CUDA graph (:class:`PoseGraph`).
     """
 
     def __init__(self, head: HeadModel, uv: UVSpace, maps: torch.Tensor, shape: torch.Tensor,
@@ -125,6 +183,7 @@ class AvatarRig:
         R_can, size_can = triangle_frames(canonical, faces)
         self._face = uv.sample_face
         self._bary = uv.sample_bary
+        self._corners = faces[self._face]  # (G, 3) vertex ids of each Gaussian's triangle
         self._size_can = size_can[:, self._face]  # (B, G)
         attrs = uv.sample_maps(maps)  # (B, G, 14)
         R = R_can[:, self._face]  # (B, G, 3, 3)
@@ -134,19 +193,68 @@ class AvatarRig:
         # Offsets live in the canonical triangle's frame so they follow it when posed.
         self.offset_local = (R.transpose(-1, -2) @ offset[..., None])[..., 0]
         self.quat_local = F.normalize(attrs[..., ATTRIBUTE_SLICES["rotation"]], dim=-1)
+        self._quat_right = quat_right_matrix(self.quat_local)  # (B, G, 4, 4)
         self.scale_base = attrs[..., ATTRIBUTE_SLICES["scale"]] * uv.sample_scale()[:, None]
         self.opacity = attrs[..., ATTRIBUTE_SLICES["opacity"]][..., 0]
         self.color = attrs[..., ATTRIBUTE_SLICES["color"]]
+        self._identity: dict[str, torch.Tensor] | None = None
+        self._graphs: dict[int, PoseGraph] = {}
 
     @property
     def num_gaussians(self) -> int:
         return self.color.shape[1]
 
+    def _identity_terms(self) -> dict[str, torch.Tensor]:
+        """What the avatar's fixed shape contributes to every frame, computed once (on the first ``pose_params``).
+
+        v (B, V*3) template + shape blendshapes; J (B, J*3) their regressed joints; exprdirs (E, V*3) and
+        J_exprdirs (E, J*3) the expression basis and its regressed joints, laid out for one matrix product a frame.
+        """
+        if self._identity is None:
+            h = self.head
+            V, _, E = h.exprdirs.shape
+            v_id = h.v_template[None] + blend_shapes(self.shape, h.shapedirs)  # (B, V, 3)
+            self._identity = {
+                "v": v_id.reshape(v_id.shape[0], V * 3),
+                "J": torch.einsum("jv,bvd->bjd", h.J_regressor, v_id).flatten(1),
+                "exprdirs": h.exprdirs.permute(2, 0, 1).reshape(E, V * 3),
+                "J_exprdirs": torch.einsum("jv,vdc->cjd", h.J_regressor, h.exprdirs).reshape(E, -1),
+                "posedirs": h.posedirs if h.posedirs.numel() else None,
+                "parents": tuple(int(p) for p in h.parents.tolist()),
+            }
+        return self._identity
+
+    def posed_vertices(self, params: HeadParams) -> torch.Tensor:
+        """Posed mesh (B, V, 3) for tracked parameters (B frames) with the avatar's shape.
+
+        Equal to ``head(params)`` with ``params.shape`` replaced by the avatar's (FLAME eq. 11-12, joints regressed
+        from the shaped mesh with expression), but the identity terms are precomputed, the expression blendshapes
+        and their joints are one matrix product each, and nothing reads back from the device.
+        """
+        idt = self._identity_terms()
+        B = params.batch
+        V = self.head.v_template.shape[0]
+        v = torch.addmm(idt["v"], params.expression, idt["exprdirs"]).view(B, V, 3)
+        joints = torch.addmm(idt["J"], params.expression, idt["J_exprdirs"]).view(B, -1, 3)
+        rot = axis_angle_to_matrix(params.full_pose())  # (B, J, 3, 3)
+        if idt["posedirs"] is not None:
+            eye = torch.eye(3, dtype=rot.dtype, device=rot.device)
+            v = v + ((rot[:, 1:] - eye).reshape(B, -1) @ idt["posedirs"]).view(B, V, 3)
+        A = forward_kinematics(rot, joints, idt["parents"])  # (B, J, 3, 4)
+        T = torch.einsum("vj,bjk->bvk", self.head.lbs_weights, A.flatten(2)).view(B, V, 3, 4)
+        verts = (T[..., :3] * v[:, :, None, :]).sum(-1) + T[..., 3]
+        return verts + params.translation[:, None, :]
+
     def pose_params(self, params: HeadParams) -> Gaussians:
         """Gaussians for tracked parameters (B frames); the avatar's own shape replaces ``params.shape``."""
-        shape = self.shape.expand(params.batch, -1) if self.shape.shape[0] == 1 else self.shape
-        params = HeadParams(**{**params.to_dict(), "shape": shape})
-        return self.pose(self.head(params))
+        return self.pose(self.posed_vertices(params))
+
+    def pose_graph(self, batch: int) -> "PoseGraph":
+        """``pose_params`` for ``batch`` frames a call as a CUDA graph, captured on first use and kept with the rig
+        (inference only: the graph records no autograd history, and the maps must not change afterwards)."""
+        if batch not in self._graphs:
+            self._graphs[batch] = PoseGraph(self, batch)
+        return self._graphs[batch]
 
     def pose(self, verts: torch.Tensor, colors: torch.Tensor | None = None) -> Gaussians:
         """Gaussians (B, G, ...) on posed vertices (B, V, 3) (B must equal the rig's batch, or the rig's is 1).
@@ -155,12 +263,48 @@ class AvatarRig:
         """
         B = verts.shape[0]
         R, size = triangle_frames(verts, self.head.faces)  # (B, F, 3, 3), (B, F)
-        Rg = R[:, self._face]
-        k = size[:, self._face] / self._size_can  # (B, G) triangle growth
-        tri = verts[:, self.head.faces[self._face]]  # (B, G, 3, 3)
-        surface = (tri * self._bary[None, :, :, None]).sum(2)
+        # Everything a Gaussian needs from its triangle, gathered in one pass: frame (9), quaternion (4), size (1).
+        per_face = torch.cat([R.flatten(-2), matrix_to_quat(R), size[..., None]], -1)  # (B, F, 14)
+        tri = per_face[:, self._face]  # (B, G, 14)
+        Rg = tri[..., :9].unflatten(-1, (3, 3))
+        k = tri[..., 13] / self._size_can  # (B, G) triangle growth
+        surface = (verts[:, self._corners] * self._bary[..., None]).sum(-2)
         means = surface + k[..., None] * (Rg @ self.offset_local[..., None])[..., 0]
-        quats = quat_multiply(matrix_to_quat(R)[:, self._face], self.quat_local)
+        quats = torch.einsum("...gij,...gj->...gi", self._quat_right, tri[..., 9:13])  # q_face (x) quat_local
         scales = self.scale_base * k[..., None]
         color = self.color if colors is None else colors
         return Gaussians(means, quats, scales, self.opacity.expand(B, -1), color.expand(B, -1, -1))
+
+
+class PoseGraph:
+    """``rig.pose_params`` for a fixed number of frames, captured once in a CUDA graph and replayed per call.
+
+    Posing is ~100 small kernels whose launch cost, not their work, dominates at a few frames per call; a graph
+    replays them with one launch. Inputs are copied into static buffers; the returned Gaussians live in the graph's
+    static outputs, so they are overwritten by the next call (consume or clone them first). CUDA only.
+    """
+
+    def __init__(self, rig: AvatarRig, batch: int, warmup: int = 2) -> None:
+        device = rig.color.device
+        if device.type != "cuda":
+            raise ValueError(f"PoseGraph needs a CUDA rig, got one on '{device}'")
+        self.batch = batch
+        self.params = rig.head.zero_params(batch)  # static inputs (zeros are a valid pose)
+        self.graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.no_grad(), torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+            for _ in range(warmup):
+                rig.pose_params(self.params)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.out = rig.pose_params(self.params)
+
+    def __call__(self, params: HeadParams) -> Gaussians:
+        if params.batch != self.batch:
+            raise ValueError(f"this PoseGraph poses {self.batch} frames a call, got {params.batch}")
+        for name, buf in self.params.to_dict().items():
+            if name != "shape":  # the rig's own shape is used, as in pose_params
+                buf.copy_(getattr(params, name))
+        self.graph.replay()
+        return self.out
