@@ -1,0 +1,348 @@
+"""``train``: the training loop (paper section 3.5) with exact resume, validation and logs.
+
+Output folder layout::
+
+    <out>/config.json                 the TrainConfig used (a resumed run must use the same optimisation settings)
+    <out>/notes.json                  data used, and what could not be done here (LPIPS, L_id, novel views, flip)
+    <out>/train_log.csv               step, lr, every loss term (unweighted, averaged over the logging window),
+                                      the weighted total, gradient norm, seconds per step
+    <out>/val.csv                     step, clip, method (network | untrained | baseline), PSNR, SSIM, frames
+    <out>/val_grid_<step>.png         source | target | ours | baseline, two targets per validation clip
+    <out>/losses.png                  loss curves (PIL)
+    <out>/checkpoints/last.pt         full training state (exact resume), written atomically
+    <out>/fhavatar.safetensors        fp16 network weights with the config (what ``load_network`` reads)
+
+Multi-GPU: under ``torchrun`` (``WORLD_SIZE > 1``) the network is wrapped in DistributedDataParallel, each process
+draws its own samples (its rank is part of the sampling seed), and rank 0 alone writes files. ``batch_size`` is per
+process. This path is written but untested here (no multi-GPU machine was available).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..head.base import HeadParams
+from ..network.model import FHAvatarNet
+from ..network.weights import save_checkpoint
+from ..store import atomic_path, write_json
+from ..uv.space import load_or_build_uv_space
+from .checkpoint import load_training_state, save_training_state, unwrap
+from .config import TrainConfig
+from .data import find_items, load_clips, load_val_clip, make_batch, resize_images, sample_plan, split_items
+from .forward import predict_avatar, render_rig
+from .losses import compute_losses, perceptual_backend, warn_skipped_terms
+from .mirror import HeadMirror
+from .plot import plot_losses, read_log
+from .validate import comparison_grid, validate_baseline, validate_network
+
+LOSS_TERMS = ("l1", "perceptual", "alpha", "aux_perceptual", "aux_alpha", "3d", "eye", "pos", "shape", "shape_tv")
+LOG_COLUMNS = ("step", "lr", "total", *LOSS_TERMS, "grad_norm", "sec_per_step")
+VAL_COLUMNS = ("step", "clip", "method", "psnr", "ssim", "frames")
+PLOT_TERMS = ["total", "l1", "perceptual", "alpha", "aux_perceptual", "3d", "eye", "pos", "shape_tv"]
+
+Progress = Callable[[int, int, dict], None] | None
+
+
+@dataclass
+class TrainResult:
+    step: int  # completed steps
+    stopped: str  # "done" | "time" | "stop_at"
+    out_dir: Path
+    weights: Path | None
+    validation: dict = field(default_factory=dict)  # method -> clip -> {psnr, ssim, frames}
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _append_rows(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns))
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in columns})
+
+
+def _truncate_log(path: Path, columns: tuple[str, ...], max_step: int) -> None:
+    """Drop rows logged after ``max_step`` (a resumed run redoes those steps and logs them again)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(float(r["step"])) <= max_step]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(columns))
+            w.writeheader()
+            w.writerows(rows)
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+def train(
+    cfg: TrainConfig,
+    data_dirs: list[str | Path],
+    out_dir: str | Path,
+    device: str | torch.device = "cpu",
+    resume: bool = True,
+    max_minutes: float | None = None,
+    progress: Progress = None,
+    stop_at_step: int | None = None,
+    head=None,
+    backend: str = "auto",
+    init_weights: str | Path | None = None,
+) -> TrainResult:
+    """Train FHAvatarNet on preprocessed clips; resumable, stoppable by time or step.
+
+    Args:
+        cfg: the training configuration (``TrainConfig``; ``load_train_config`` reads YAML/JSON + overrides).
+        data_dirs: preprocessed item folders, or folders of them; items named in ``cfg.data.val_items`` are held out
+            for validation and never trained on.
+        out_dir: output folder (see the module docstring); an existing ``checkpoints/last.pt`` is resumed from.
+        device: "cpu", "cuda", "cuda:1" ... (under torchrun each process uses cuda:LOCAL_RANK).
+        resume: continue from ``checkpoints/last.pt`` when present (else it is ignored and overwritten).
+        max_minutes: stop cleanly (checkpoint, weights, validation) once this much wall time has passed.
+        progress: called as ``progress(step, iterations, logged_terms)`` at every logged step.
+        stop_at_step: stop after this many completed steps (for staged runs and tests); the schedule is still
+            that of ``cfg.iterations``.
+        head: a head model to use instead of ``load_head_model(cfg.head)`` (tests use a synthetic one).
+        backend: render backend ("auto": gsplat on CUDA, the PyTorch reference on CPU).
+        init_weights: when no checkpoint is resumed, start the network from these weights (a ``.safetensors``
+            written by training) with a fresh optimiser and step 0 (a warm start: not an exact resume).
+    """
+    t_start = time.time()
+    world, rank, local_rank = _dist_info()
+    device = torch.device(device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+    main_proc = rank == 0
+    out = Path(out_dir)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # --- models and data
+    if head is None:
+        from ..head.registry import load_head_model
+
+        head = load_head_model(cfg.head, device=device)
+    head = head.to(device)
+    uv = load_or_build_uv_space(head, cfg.uv_config(), device=device)
+    mirror, mirror_note = (None, "flip_prob = 0")
+    if cfg.data.flip_prob > 0:
+        mirror, mirror_note = HeadMirror.build(head)
+        mirror = mirror.to(device) if mirror is not None else None
+    items = find_items(data_dirs)
+    train_items, val_items = split_items(items, cfg.data.val_items)
+    if not train_items:
+        raise ConfigError("no training clips left after holding out the validation items",
+                          "add more preprocessed clips or change data.val_items")
+    clips = load_clips(train_items, cfg.network.image_size, cfg.data.preload)
+    val_clips = [load_val_clip(c, cfg.data.val_frames).to(device)
+                 for c in load_clips(val_items, cfg.network.image_size, True, min_frames=2)] if val_items else []
+    size = cfg.supervision_size
+
+    _seed_everything(cfg.seed)
+    net = FHAvatarNet(cfg.network).to(device).train()
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+    eye_mask = uv.region_mask("eyes")[None, None].float()
+    valid = uv.valid[None, None].float()
+    amp = cfg.amp and device.type == "cuda"
+
+    step = 0
+    resumed = False
+    if resume and ckpt_path.is_file():
+        state = load_training_state(ckpt_path, net, opt, cfg.digest(), device=device)
+        step = int(state["step"])
+        resumed = True
+        if main_proc:
+            _truncate_log(out / "train_log.csv", LOG_COLUMNS, step)
+            _truncate_log(out / "val.csv", VAL_COLUMNS, step)
+    else:
+        if init_weights is not None:
+            from ..network.weights import load_network
+
+            warm = load_network(init_weights, "cpu")
+            if dataclasses.asdict(warm.config) != dataclasses.asdict(cfg.network):
+                raise ConfigError(f"--init-weights '{init_weights}' were trained with another network config",
+                                  "train with the same network settings, or start without --init-weights")
+            net.load_state_dict(warm.state_dict())
+        if main_proc:
+            for f in ("train_log.csv", "val.csv"):
+                (out / f).unlink(missing_ok=True)
+
+    notes = {
+        "perceptual": perceptual_backend(),
+        "skipped": warn_skipped_terms() if main_proc else [],
+        "novel_views": "3D reconstruction mode supervises the frame itself only: the paper's inverted PanoHead "
+                       "novel views need PanoHead + its inversion, which are not available",
+        "flip": "enabled" if mirror is not None else f"disabled: {mirror_note}",
+        "train_items": {c.name: len(c) for c in clips},
+        "val_items": {c.name: len(c.frames) - 1 for c in val_clips},
+        "schedule": {"iterations": cfg.iterations, "reg_start_step": cfg.reg_start_step,
+                     "lambda_3d_boost_step": cfg.boost_step},
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "world_size": world,
+    }
+    if main_proc:
+        write_json(out / "config.json", cfg.to_dict())
+        write_json(out / "notes.json", notes)
+
+    baselines: dict = {}
+
+    def run_validation(at_step: int, untrained: bool = False) -> dict:
+        if not val_clips or not main_proc:
+            return {}
+        rows, summary, grids = [], {}, []
+        method = "untrained" if untrained else "network"
+        for vc in val_clips:
+            if vc.name not in baselines:
+                baselines[vc.name] = validate_baseline(head, uv, vc, size, backend=backend)
+                rows.append({"step": at_step, "clip": vc.name, "method": "baseline", **baselines[vc.name].summary()})
+            res = validate_network(unwrap(net), head, uv, vc, size, amp=amp, backend=backend)
+            rows.append({"step": at_step, "clip": vc.name, "method": method, **res.summary()})
+            summary.setdefault(method, {})[vc.name] = res.summary()
+            summary.setdefault("baseline", {})[vc.name] = baselines[vc.name].summary()
+            grids.append(comparison_grid(vc, res, baselines[vc.name], size))
+        _append_rows(out / "val.csv", VAL_COLUMNS, rows)
+        _save_png(out / f"val_grid_{at_step:06d}.png", np.concatenate(grids, 0))
+        return summary
+
+    validation: dict = {}
+    if not resumed:
+        validation = run_validation(0, untrained=True)
+
+    model = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save_state() -> None:
+        if main_proc:
+            save_training_state(ckpt_path, net, opt, step, cfg.digest(), {"notes": notes})
+
+    # --- the loop
+    window: dict[str, torch.Tensor] = {}
+    window_n, window_t0 = 0, time.time()
+    stopped = "done"
+    limit_step = cfg.iterations if stop_at_step is None else min(cfg.iterations, stop_at_step)
+    while step < limit_step:
+        if max_minutes is not None and (time.time() - t_start) / 60.0 >= max_minutes:
+            stopped = "time"
+            break
+        plans = [sample_plan(clips, cfg.data, cfg.seed, step, rank, b, mirror is not None)
+                 for b in range(cfg.batch_size)]
+        batch = make_batch(clips, plans, device, mirror)
+        lr = cfg.lr_at(step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        weights = cfg.weights_at(step)
+
+        src_img = resize_images(batch.src_img, cfg.network.image_size)
+        pred = predict_avatar(model, head, uv, src_img, batch.src_params, batch.src_c2w, batch.K, with_aux=True,
+                              amp=amp)
+        tgt = HeadParams(**{**batch.tgt_params.to_dict(), "shape": batch.src_params.shape})
+        verts_t = head(tgt)
+        main = render_rig(pred.rig(head, uv), verts_t, batch.tgt_c2w, batch.K, size,
+                          with_positions=weights["3d"] > 0, backend=backend)
+        aux = render_rig(pred.rig(head, uv, aux=True), verts_t, batch.tgt_c2w, batch.K, size, backend=backend)
+        target = resize_images(batch.tgt_img, size)
+        matte = resize_images(batch.tgt_matte, size)
+        total, terms = compute_losses(main.rgb, main.alpha, target, matte, cfg.loss, weights, pred.A, pred.delta_p,
+                                      valid, eye_mask, i3d=main.positions, rgb_aux=aux.rgb, alpha_aux=aux.alpha)
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"non-finite loss at step {step}: "
+                                     f"{ {k: float(v) for k, v in terms.items()} }")
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        else:
+            grad_norm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in model.parameters() if p.grad is not None))
+        opt.step()
+        step += 1
+
+        terms["grad_norm"] = grad_norm.detach()
+        for k, v in terms.items():
+            window[k] = window.get(k, 0.0) + v
+        window_n += 1
+        if main_proc and (step % cfg.log_every == 0 or step == 1 or step == limit_step):
+            _flush_log(out, step, lr, window, window_n, window_t0, progress, cfg.iterations)
+            window, window_n, window_t0 = {}, 0, time.time()
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save_state()
+        if cfg.export_every and step % cfg.export_every == 0 and main_proc:
+            save_checkpoint(out / "fhavatar.safetensors", net, extra={"step": step})
+        if cfg.val_every and step % cfg.val_every == 0 and step < limit_step:
+            validation = run_validation(step)
+    else:
+        stopped = "done" if step >= cfg.iterations else "stop_at"
+
+    # --- stop cleanly: last log window, checkpoint, weights, validation, plot
+    weights_path = None
+    if main_proc:
+        if window_n:
+            _flush_log(out, step, cfg.lr_at(max(step - 1, 0)), window, window_n, window_t0, progress, cfg.iterations)
+        save_state()
+        weights_path = out / "fhavatar.safetensors"
+        save_checkpoint(weights_path, net, extra={"step": step, "config_digest": cfg.digest(),
+                                                  "train_items": sorted(notes["train_items"])})
+        if step > 0 or not validation:
+            validation = run_validation(step) or validation
+        log = read_log(out / "train_log.csv") if (out / "train_log.csv").is_file() else {}
+        if log:
+            plot_losses(log, PLOT_TERMS, out / "losses.png",
+                        title=f"FHAvatar training losses (unweighted terms; total is weighted), step {step}")
+        write_json(out / "status.json", {"step": step, "stopped": stopped, "minutes": (time.time() - t_start) / 60,
+                                         "validation": validation})
+    return TrainResult(step, stopped, out, weights_path, validation)
+
+
+def _flush_log(out: Path, step: int, lr: float, window: dict, n: int, t0: float, progress: Progress,
+               iterations: int) -> None:
+    row = {k: float(v) / n for k, v in window.items()}
+    row.update(step=step, lr=lr, sec_per_step=(time.time() - t0) / max(n, 1))
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"non-finite logged values at step {step}: {bad}")
+    _append_rows(out / "train_log.csv", LOG_COLUMNS, [row])
+    if progress is not None:
+        progress(step, iterations, row)
