@@ -367,6 +367,95 @@ def status(out: Path = typer.Argument(..., help="An output folder of fhavatar.")
 
 
 
+@app.command()
+def evaluate(
+    inputs: List[str] = typer.Argument(..., help="Videos (files, folders, globs, @list.txt)."),
+    out: Path = _out_option("fhavatar_eval"),
+    protocol: str = typer.Option("self", help="self (source = first frame, ground truth = the frames) or cross."),
+    method: str = typer.Option("network", help="network, unproject (no-network baseline) or template."),
+    weights: Optional[str] = typer.Option(None, help="Network checkpoint; 'random' = untrained."),
+    metrics: Optional[str] = typer.Option(None, help="Comma-separated subset of psnr,ssim,lpips,csim,akd,aed,apd."),
+    full_frame: bool = typer.Option(False, "--full-frame", help="Score the full frame instead of the matted head."),
+    size: int = typer.Option(512, help="Frame and render size (the paper: 512)."),
+    max_frames: Optional[int] = typer.Option(None, help="Frames kept per video, the source frame included."),
+    stride: int = typer.Option(1, help="Keep every n-th frame of each video."),
+    uv_size: int = typer.Option(256, help="UV map size K (network / unproject)."),
+    refine_steps: int = typer.Option(0, help="Fine-tune each avatar on its source view for N steps."),
+    merge: bool = typer.Option(False, "--merge", help="Only merge the shards' per-video results into the report."),
+    renderer: str = typer.Option("auto", help=RENDERER_HELP),
+    head_model: str = typer.Option("auto", help="auto, flame or embedded."),
+    shard: Optional[str] = typer.Option(None, help=SHARD_HELP),
+    force: bool = typer.Option(False, help="Redo finished evaluations."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Run the paper's self- or cross-identity reenactment protocol and write JSON, CSV, markdown and pictures."""
+    from pipelines.evaluate.protocol import run_evaluate
+
+    ui = State.ui
+    try:
+        dev = resolve_device(device)
+    except FhavatarError as e:
+        fail(e)
+    with ui.progress(f"evaluate ({protocol})", None) as advance:
+        text, code = run_evaluate(
+            inputs, out, protocol=protocol, method=method, weights=weights,
+            metrics=[m.strip() for m in metrics.split(",")] if metrics else None, foreground=not full_frame,
+            size=size, max_frames=max_frames, stride=stride, shard=shard, merge_only=merge, device=dev,
+            renderer=renderer, head_model=head_model, force=force, progress=lambda msg: advance(1),
+            on_result=ui.item, reconstruct_options={"uv_size": uv_size, "refine_steps": refine_steps},
+        )
+    if code in (EXIT_USAGE, EXIT_WEIGHTS):
+        ui.error(text)
+    elif ui.log_json:
+        ui.event("report", markdown=text)
+    else:
+        typer.echo(text)
+    raise typer.Exit(code)
+
+
+@app.command()
+def train(
+    data: List[Path] = typer.Argument(..., help="Preprocessed clip folders (or folders of them)."),
+    out: Path = typer.Option(Path("fhavatar_train"), "--out", "-o", help="Training folder (resumed when present)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/JSON TrainConfig file."),
+    set_: List[str] = typer.Option([], "--set", help="Override a setting, e.g. --set iterations=3000 "
+                                   "--set loss.lambda_3d=100 (values in YAML syntax)."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop cleanly (checkpoint + weights) after this long."),
+    stop_at: Optional[int] = typer.Option(None, help="Stop after this many steps (schedule unchanged)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing checkpoint and start over."),
+    init_weights: Optional[Path] = typer.Option(None, help="Without a checkpoint to resume: start from these "
+                                                "network weights (fresh optimiser, step 0)."),
+    renderer: str = typer.Option("auto", help=RENDERER_HELP),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (torchrun: one GPU per process)."),
+) -> None:
+    """Train the FHAvatar network (section 3.5) on preprocessed clips; resumes exactly from its last checkpoint."""
+    from pipelines.train.config import load_train_config
+    from pipelines.train.loop import train as run_training
+
+    ui = State.ui
+    try:
+        dev = resolve_device(device)
+        cfg = load_train_config(config, list(set_))
+    except FhavatarError as e:
+        fail(e)
+    last = {"step": 0}
+    with ui.progress("train", cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)) as advance:
+        def progress(step: int, total: int, row: dict) -> None:
+            advance(step - last["step"])
+            last["step"] = step
+            ui.event("train", step=step, **{k: round(float(v), 6) for k, v in row.items() if k != "step"})
+
+        try:
+            result = run_training(cfg, list(data), out, device=dev, resume=not fresh, max_minutes=max_minutes,
+                                  progress=progress, stop_at_step=stop_at, backend=renderer,
+                                  init_weights=init_weights)
+        except FhavatarError as e:
+            fail(e)
+    ui.info(f"train: {result.step} steps ({result.stopped}); weights {result.weights}")
+    ui.event("summary", step=result.step, stopped=result.stopped, weights=str(result.weights),
+             validation=result.validation)
+
+
 @app.command("run")
 def run_chain(
     inputs: List[str] = typer.Argument(..., help="Portraits / videos (files, folders, globs, @list.txt)."),
