@@ -27,6 +27,7 @@ from pipelines.evaluate.protocol import concat_results, settings_key
 from pipelines.evaluate.metrics import MetricsResult
 from pipelines.evaluate.report import aggregate, line_plot, markdown_report, nice_ticks, pick_frames
 from pipelines.store import Manifest, item_id
+from video_files import write_video
 
 SHARED_CLIPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "clips"
 SIZE, MAX_FRAMES = 128, 3
@@ -36,16 +37,6 @@ CROSS_HEADER = ["Method", "CSIM↑", "AED↓", "APD↓"]
 
 
 # --------------------------------------------------------------------------------------------------------- inputs
-def _write_video(path: Path, frames: list[np.ndarray], fps: int = 25) -> None:
-    import imageio_ffmpeg
-
-    h, w = frames[0].shape[:2]
-    writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-                                         quality=9, macro_block_size=16, ffmpeg_log_level="error")
-    writer.send(None)
-    for f in frames:
-        writer.send(np.ascontiguousarray(f))
-    writer.close()
 
 
 def _head_on(colour: tuple[int, int, int], size: int = 384) -> np.ndarray:
@@ -68,7 +59,7 @@ def videos(tmp_path_factory) -> list[Path]:
     for name, colour, dx in (("grey", (90, 90, 90), 3), ("blue", (60, 120, 160), -2)):
         base = _head_on(colour)
         frames = [np.roll(base, dx * t, axis=1)[32:352, 32:352] for t in range(5)]
-        _write_video(folder / f"{name}.mp4", frames)
+        write_video(folder / f"{name}.mp4", frames)
         paths.append(folder / f"{name}.mp4")
     return paths
 
@@ -285,7 +276,7 @@ def test_bad_settings_are_one_line_errors(videos, tmp_path):
 
 def test_a_failing_video_is_reported_not_hidden(tmp_path):
     blank = tmp_path / "blank.mp4"
-    _write_video(blank, [np.full((160, 160, 3), 90, np.uint8)] * 3)
+    write_video(blank, [np.full((160, 160, 3), 90, np.uint8)] * 3)
     text, code, items = _run([blank], tmp_path / "o")
     assert code == 1 and [r.status for r in items] == ["failed"]
     assert "No per-video results found" in text and "no face found" in text and item_id(blank) in text

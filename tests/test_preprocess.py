@@ -19,6 +19,7 @@ from pipelines.preprocess.io import load_image, open_source, select_indices
 from pipelines.preprocess.config import EYE_DISTANCE_M, VISIBLE_WIDTH_M
 from pipelines.core.camera import DEFAULT_RADIUS
 from pipelines.store import Manifest
+from video_files import write_video
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the repository
 EYE_FRACTION = EYE_DISTANCE_M / VISIBLE_WIDTH_M  # the framing rule: inter-ocular distance / crop width
@@ -32,16 +33,6 @@ def _eyes(lmk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lmk[list(RIGHT_EYE_CORNERS), :2].mean(0), lmk[list(LEFT_EYE_CORNERS), :2].mean(0)
 
 
-def _write_video(path: Path, frames: list[np.ndarray], fps: int = 25) -> None:
-    import imageio_ffmpeg
-
-    h, w = frames[0].shape[:2]
-    writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-                                         quality=9, macro_block_size=16, ffmpeg_log_level="error")
-    writer.send(None)
-    for f in frames:
-        writer.send(np.ascontiguousarray(f))
-    writer.close()
 
 
 def _face_on_flat(size: int = 640, colour=(40, 150, 70), scale: float = 1.0, center=None) -> np.ndarray:
@@ -162,7 +153,7 @@ def test_unreadable_inputs_raise_input_error_naming_the_file(tmp_path):
     with pytest.raises(InputError, match="notanimage.png"):
         open_source(text)
     video = tmp_path / "ok.mp4"
-    _write_video(video, [np.full((64, 64, 3), i * 10, np.uint8) for i in range(10)])
+    write_video(video, [np.full((64, 64, 3), i * 10, np.uint8) for i in range(10)])
     bad = tmp_path / "cut.mp4"
     bad.write_bytes(video.read_bytes()[: video.stat().st_size // 2])
     with pytest.raises(InputError, match="cut.mp4"):
@@ -181,7 +172,7 @@ def test_blank_image_has_no_face(tmp_path):
 
 def test_video_without_any_face(tmp_path):
     path = tmp_path / "empty.mp4"
-    _write_video(path, [np.full((64, 64, 3), 100 + i, np.uint8) for i in range(5)])
+    write_video(path, [np.full((64, 64, 3), 100 + i, np.uint8) for i in range(5)])
     with pytest.raises(InputError, match=r"no face found in any frame of '.*empty.mp4'"):
         run_preprocess(path, tmp_path / "item")
 
@@ -282,7 +273,7 @@ def moving_video(tmp_path_factory) -> tuple[Path, list[int]]:
     frames = [np.full((320, 320, 3), 90, np.uint8) if t in blank else np.roll(base, 3 * t, axis=1)[32:352, 32:352]
               for t in range(22)]
     path = tmp_path_factory.mktemp("video") / "moving.mp4"
-    _write_video(path, frames)
+    write_video(path, frames)
     return path, blank
 
 
@@ -334,7 +325,7 @@ def test_video_reading_memory_is_bounded(tmp_path):
     (numpy allocations are traced)."""
     frames = [np.full((240, 320, 3), (i * 7) % 255, np.uint8) for i in range(40)]
     path = tmp_path / "long.mp4"
-    _write_video(path, frames)
+    write_video(path, frames)
     src = open_source(path)
     frame_bytes = 240 * 320 * 3
     tracemalloc.start()

@@ -93,25 +93,25 @@ def _frame_file(folder: Path, kind: str, t: int) -> Path:
     raise InputError(f"{kind[:-1]} {t} missing in '{folder}'", "re-run preprocess (or re-pack the data)")
 
 
-def read_rgb(path: Path, size: int) -> np.ndarray:
-    """(size, size, 3) uint8, resized with antialiasing when needed."""
+def _read_image(path: Path, size: int, mode: str) -> np.ndarray:
+    """(size, size[, C]) uint8 in PIL ``mode`` ("RGB" or "L"), resized with antialiasing when needed."""
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = im.convert(mode)
         if im.size != (size, size):
             im = im.resize((size, size), Image.Resampling.LANCZOS)
         return np.asarray(im, dtype=np.uint8).copy()
+
+
+def read_rgb(path: Path, size: int) -> np.ndarray:
+    """(size, size, 3) uint8."""
+    return _read_image(path, size, "RGB")
 
 
 def read_matte(path: Path, size: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("L")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.LANCZOS)
-        return np.asarray(im, dtype=np.uint8).copy()
+    """(size, size) uint8."""
+    return _read_image(path, size, "L")
 
 
 class Clip:
