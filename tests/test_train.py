@@ -20,7 +20,7 @@ from pipelines.head.base import HeadParams
 from pipelines.network import NetworkConfig
 from pipelines.render import render_gaussians
 from pipelines.core.camera import to_pixel_intrinsics
-from pipelines.tracking.result import LOW_CONFIDENCE, TRACKED, TrackingResult, save_tracking
+from pipelines.tracking.result import LOW_CONFIDENCE, TRACKED, TrackingResult, load_tracking, save_tracking
 from pipelines.train import TrainConfig, load_train_config, train
 from pipelines.train.checkpoint import load_sharded, save_sharded
 from pipelines.train.config import DataConfig, LossConfig
@@ -327,3 +327,28 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(dataset, head, tmp_p
     la, lb = read_csv(tmp_path / "whole" / "train_log.csv"), read_csv(tmp_path / "split" / "train_log.csv")
     assert [r["step"] for r in lb] == ["1", "2", "3"]
     assert la[-1]["total"] == lb[-1]["total"] and la[-1]["l1"] == lb[-1]["l1"]
+
+
+# --------------------------------------------------------------------------------------------------------- packing
+def test_pack_keeps_tracked_frames_spread_and_renumbered(dataset, tmp_path):
+    """clip_a has frames 0, 1, 3 tracked (2 is low-confidence): packing 2 of them keeps the first and the last, renumbers
+    them 0..1 with their own pixels and tracking rows, and the packed item loads as a training clip."""
+    from pipelines.train.pack import pack_item, spread_indices
+
+    assert spread_indices(np.arange(10), 4).tolist() == [0, 3, 6, 9]
+    assert spread_indices(np.arange(3), None).tolist() == [0, 1, 2]
+    src = dataset / "clip_a-0123456789"
+    out = pack_item(src, tmp_path, max_frames=2, jpeg_quality=95)
+    assert out.name == "clip_a-0123456789"
+    packed, orig = load_tracking(out / "tracking.npz"), load_tracking(src / "tracking.npz")
+    assert len(packed) == 2 and (packed.status == TRACKED).all()
+    np.testing.assert_array_equal(packed.params["expression"], orig.params["expression"][[0, 3]])
+    np.testing.assert_array_equal(packed.c2w, orig.c2w[[0, 3]])
+    clip, ref = Clip(out, 32), Clip(src, 32)
+    img, mat = clip.pixels(1)
+    want_img, want_mat = ref.pixels(3)
+    assert np.abs(img.astype(int) - want_img.astype(int)).mean() < 3  # JPEG q95
+    np.testing.assert_array_equal(mat, want_mat)  # mattes stay lossless
+    first = pack_item(src, tmp_path / "first", first=2)
+    assert load_tracking(first / "tracking.npz").params["expression"].shape[0] == 2
+    np.testing.assert_array_equal(load_tracking(first / "tracking.npz").c2w, orig.c2w[[0, 1]])
