@@ -190,6 +190,8 @@ def preprocess(
     stride: int = typer.Option(1, help="Keep every n-th frame."),
     fps: Optional[float] = typer.Option(None, help="Resample videos to this frame rate."),
     face_index: int = typer.Option(0, help="Which face when several: 0 = largest."),
+    overlay: Optional[str] = typer.Option(None, help="Also draw the tracked mesh + landmarks over the frames "
+                                          "(overlay.mp4 / overlay.png): shaded, wireframe or none (landmarks only)."),
     head_model: str = typer.Option("auto", help="auto (FLAME if found, else embedded), flame or embedded."),
     shard: Optional[str] = typer.Option(None, help=SHARD_HELP),
     force: bool = typer.Option(False, help="Redo finished items."),
@@ -217,7 +219,7 @@ def preprocess(
     def job_for(path: Path):
         def job():
             with ui.progress(f"preprocess {path.name}", None) as advance:
-                return preprocess_item(path, out, head, cfg, progress=advance, force=force)
+                return preprocess_item(path, out, head, cfg, progress=advance, force=force, overlay=overlay)
         return job
 
     _finish(run_batch([(str(p), item_id(p), job_for(p)) for p in items], on_result=ui.item, fail_fast=fail_fast))

@@ -40,8 +40,12 @@ def make_track_hook(head, tracking_cfg=None):
 
 
 def preprocess_item(input_path: Path, out: Path, head, pp_cfg=None, tracking_cfg=None, progress: Progress = None,
-                    force: bool = False) -> tuple[str, dict]:
-    """``<out>/<id>/preprocess/``: frames, mattes, landmarks and tracking of one image or video."""
+                    force: bool = False, overlay: str | None = None) -> tuple[str, dict]:
+    """``<out>/<id>/preprocess/``: frames, mattes, landmarks and tracking of one image or video.
+
+    ``overlay`` ("shaded" | "wireframe" | "none"): also draw the tracked mesh and landmarks over the frames
+    (``overlay.mp4`` / ``overlay.png``, a derived view outside the stage manifest, redrawn on every request).
+    """
     from .preprocess.config import PreprocessConfig
     from .preprocess.stage import run_preprocess, stage_dir
 
@@ -59,8 +63,12 @@ def preprocess_item(input_path: Path, out: Path, head, pp_cfg=None, tracking_cfg
     track_settings = {"head": head.name, "tracking": asdict(tracking_cfg) if tracking_cfg is not None else "default"}
     res = run_preprocess(input_path, item_dir, cfg, progress=pp_progress,
                          track_fn=make_track_hook(head, tracking_cfg), track_settings=track_settings)
-    return ("skipped" if res.skipped else "done"), {"frames": res.num_frames, "status": res.status_counts,
-                                                    "dir": str(res.stage_dir)}
+    outputs = {"frames": res.num_frames, "status": res.status_counts, "dir": str(res.stage_dir)}
+    if overlay is not None:
+        from .tracking.overlay import write_tracking_overlay
+
+        outputs["overlay"] = str(write_tracking_overlay(res.stage_dir, head, style=overlay, fps=cfg.fps or 25.0))
+    return ("skipped" if res.skipped else "done"), outputs
 
 
 def _invalidate(stage: Path) -> None:

@@ -647,3 +647,23 @@ def test_tracked_jaw_follows_the_mouth_on_a_real_clip(embedded):
     assert jaw_open[widest] > jaw_open[closest] + 0.5, (jaw_open[widest], jaw_open[closest])
     assert np.corrcoef(lip_gap[valid], jaw_open[valid])[0, 1] > 0.5
     assert np.nanmedian(result.lmk_error_px) < 4.0
+
+
+def test_preprocess_overlay_draws_the_tracked_mesh_over_the_face(tmp_path):
+    """--overlay: overlay.png shows the photo with the mesh and landmarks drawn over the face only."""
+    import skimage.data as skimage_data
+    from PIL import Image
+
+    from pipelines.head.registry import load_head_model
+    from pipelines.stages import preprocess_item
+
+    path = tmp_path / "astronaut.png"
+    Image.fromarray(skimage_data.astronaut()).save(path)
+    status, outputs = preprocess_item(path, tmp_path / "out", load_head_model("embedded"), overlay="shaded")
+    assert status == "done"
+    over = np.asarray(Image.open(outputs["overlay"]).convert("RGB")).astype(int)
+    frame = np.asarray(Image.open(Path(outputs["dir"]) / "frames" / "000000.png").convert("RGB")).astype(int)
+    assert over.shape == frame.shape == (512, 512, 3)
+    diff = np.abs(over - frame).sum(-1)
+    assert diff[200:320, 200:320].mean() > 20  # the face is covered by the mesh layer
+    assert diff[:20, :20].max() == 0 and diff[:20, -20:].max() == 0  # the crop's top corners are background

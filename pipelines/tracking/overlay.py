@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Iterator
+
 import numpy as np
 import torch
 
@@ -101,3 +104,33 @@ def tracking_overlay(
                         cv2.circle(img, (int(round(x)), int(round(y))), 1, MODEL_COLOR, -1, cv2.LINE_AA)
             out[t] = img
     return out
+
+
+def write_tracking_overlay(stage_dir: str | Path, head: HeadModel, style: str = "shaded", fps: float = 25.0,
+                           chunk: int = 32) -> Path:
+    """Draw the tracking of a preprocessed item over its frames: ``overlay.mp4`` for a video, ``overlay.png`` for a
+    single image, next to ``tracking.npz``. Frames are read ``chunk`` at a time (bounded memory); written atomically.
+    """
+    from PIL import Image
+
+    from ..video import write_png, write_video
+    from .result import load_tracking
+
+    stage = Path(stage_dir)
+    result = load_tracking(stage / "tracking.npz")
+    T = result.num_frames
+
+    def frames() -> Iterator[np.ndarray]:
+        for start in range(0, T, chunk):
+            idx = np.arange(start, min(start + chunk, T))
+            imgs = np.stack([np.asarray(Image.open(stage / "frames" / f"{t:06d}.png").convert("RGB")) for t in idx])
+            sub = result.select(idx)
+            yield from tracking_overlay(imgs, head, sub, style=style)
+
+    if T == 1:
+        path = stage / "overlay.png"
+        write_png(path, next(frames()))
+    else:
+        path = stage / "overlay.mp4"
+        write_video(path, frames(), fps=fps)
+    return path
