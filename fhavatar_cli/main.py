@@ -192,6 +192,9 @@ def preprocess(
     face_index: int = typer.Option(0, help="Which face when several: 0 = largest."),
     overlay: Optional[str] = typer.Option(None, help="Also draw the tracked mesh + landmarks over the frames "
                                           "(overlay.mp4 / overlay.png): shaded, wireframe or none (landmarks only)."),
+    landmarks: str = typer.Option("mediapipe", help="Landmarks the head model is tracked on: mediapipe (478-point "
+                                  "mesh), dlib (68 points, shipped) or fan (68 points, FAN 2DFAN-4: needs "
+                                  "face-alignment and its weights already in the torch hub cache)."),
     head_model: str = typer.Option("auto", help="auto (FLAME if found, else embedded), flame or embedded."),
     shard: Optional[str] = typer.Option(None, help=SHARD_HELP),
     force: bool = typer.Option(False, help="Redo finished items."),
@@ -201,6 +204,7 @@ def preprocess(
     """Crop, align, matte, estimate the camera and track the head model (frames, mattes, landmarks, tracking)."""
     from pipelines.batch import run_batch
     from pipelines.preprocess.config import PreprocessConfig
+    from pipelines.preprocess.landmarks68 import require_landmark_source
     from pipelines.stages import preprocess_item
     from pipelines.store import IMAGE_EXTS, VIDEO_EXTS, item_id
 
@@ -211,6 +215,7 @@ def preprocess(
         bg = tuple(int(round(c * 255)) for c in parse_color(background))
         cfg = PreprocessConfig(size=size, background=bg, max_frames=max_frames, stride=stride, fps=fps,
                                face_index=face_index)
+        require_landmark_source(landmarks)  # an unavailable model fails here, once, not per item
         head = _load_head(head_model, "cpu")
         resolve_device(device)
     except FhavatarError as e:
@@ -219,7 +224,8 @@ def preprocess(
     def job_for(path: Path):
         def job():
             with ui.progress(f"preprocess {path.name}", None) as advance:
-                return preprocess_item(path, out, head, cfg, progress=advance, force=force, overlay=overlay)
+                return preprocess_item(path, out, head, cfg, progress=advance, force=force, overlay=overlay,
+                                       landmarks=landmarks)
         return job
 
     _finish(run_batch([(str(p), item_id(p), job_for(p)) for p in items], on_result=ui.item, fail_fast=fail_fast))

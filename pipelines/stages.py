@@ -23,25 +23,42 @@ def head_kind(head) -> str:
     return "flame" if head.name.lower().startswith("flame") else "embedded"
 
 
-def make_track_hook(head, tracking_cfg=None):
-    """The preprocess hook that fits the head model to the landmarks and writes ``tracking.npz``."""
+def make_track_hook(head, tracking_cfg=None, landmarks: str = "mediapipe"):
+    """The preprocess hook that fits the head model to the landmarks and writes ``tracking.npz``.
+
+    ``landmarks``: "mediapipe" tracks on the 478-point mesh of ``landmarks.npz``; "fan" / "dlib" first detects 68
+    points on the crops (``landmarks68.npz``) and tracks on those, placed at their MediaPipe indices.
+    """
+    from .preprocess.landmarks68 import LANDMARKS68, run_landmarks68, to_mediapipe_layout
     from .tracking.fit import track
     from .tracking.result import save_tracking
 
     def hook(stage_dir: Path, result) -> list[str]:
         with np.load(stage_dir / "landmarks.npz", allow_pickle=False) as z:
-            lmk, valid, K, c2w = z["lmk478"], z["valid"], z["K"], z["c2w"]
+            lmk, valid, K, c2w = z["lmk478"][..., :2], z["valid"], z["K"], z["c2w"]
             size = int(z["size"]) if "size" in z.files else 512
-        res = track(head, lmk[..., :2], valid, K, c2w[0], image_size=size, config=tracking_cfg)
+        files = ["tracking.npz"]
+        if landmarks != "mediapipe":
+            with np.load(run_landmarks68(stage_dir, landmarks), allow_pickle=False) as z:
+                lmk, valid = to_mediapipe_layout(z["lmk68"]), z["found"]
+            if not valid.any():
+                raise InputError(f"the {landmarks} 68-point model found no face in any frame of '{stage_dir}'",
+                                 "use --landmarks mediapipe (the default)")
+            files.append(LANDMARKS68)
+        res = track(head, lmk, valid, K, c2w[0], image_size=size, config=tracking_cfg)
         save_tracking(stage_dir / "tracking.npz", res, head.name)
-        return ["tracking.npz"]
+        return files
 
     return hook
 
 
 def preprocess_item(input_path: Path, out: Path, head, pp_cfg=None, tracking_cfg=None, progress: Progress = None,
-                    force: bool = False, overlay: str | None = None) -> tuple[str, dict]:
+                    force: bool = False, overlay: str | None = None, landmarks: str = "mediapipe"
+                    ) -> tuple[str, dict]:
     """``<out>/<id>/preprocess/``: frames, mattes, landmarks and tracking of one image or video.
+
+    ``landmarks``: the tracking's landmark source, "mediapipe" (478 points), "fan" or "dlib" (68 points); a change
+    re-runs only the tracking (the frames and mattes are reused).
 
     ``overlay`` ("shaded" | "wireframe" | "none"): also draw the tracked mesh and landmarks over the frames
     (``overlay.mp4`` / ``overlay.png``, a derived view outside the stage manifest, redrawn on every request).
@@ -61,8 +78,10 @@ def preprocess_item(input_path: Path, out: Path, head, pp_cfg=None, tracking_cfg
         total["n"] = done
 
     track_settings = {"head": head.name, "tracking": asdict(tracking_cfg) if tracking_cfg is not None else "default"}
+    if landmarks != "mediapipe":  # recorded only when not the default, so earlier manifests stay valid
+        track_settings["landmarks"] = landmarks
     res = run_preprocess(input_path, item_dir, cfg, progress=pp_progress,
-                         track_fn=make_track_hook(head, tracking_cfg), track_settings=track_settings)
+                         track_fn=make_track_hook(head, tracking_cfg, landmarks), track_settings=track_settings)
     outputs = {"frames": res.num_frames, "status": res.status_counts, "dir": str(res.stage_dir)}
     if overlay is not None:
         from .tracking.overlay import write_tracking_overlay

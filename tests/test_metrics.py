@@ -272,12 +272,12 @@ def test_akd_is_reported_in_pixels_at_512(astronaut):
 
 def test_fan_keypoints_requested_but_not_cached_are_unavailable(astronaut, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    M.fan_model.cache_clear()
+    M.load_landmarker.cache_clear()
     res = compute_metrics(astronaut, astronaut, which={"akd"}, config=MetricsConfig(keypoints="fan"))
     assert "akd" not in res.mean and "FAN" in res.unavailable["akd"]
     res = compute_metrics(astronaut, astronaut, which={"akd"})  # auto: falls back to MediaPipe and says why
     assert res.mean["akd"] == 0.0 and "FAN not used" in res.models["akd"]
-    M.fan_model.cache_clear()
+    M.load_landmarker.cache_clear()
 
 
 def test_fan_keypoints_when_face_alignment_and_weights_are_present(astronaut, tmp_path, monkeypatch):
@@ -288,10 +288,10 @@ def test_fan_keypoints_when_face_alignment_and_weights_are_present(astronaut, tm
     ckpt.parent.mkdir(parents=True)
     torch.save(fa_models.FAN(4).state_dict(), ckpt)  # random weights: tests the wiring, not FAN's accuracy
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    M.fan_model.cache_clear()
+    M.load_landmarker.cache_clear()
     res = compute_metrics(astronaut, astronaut, which={"akd"}, config=MetricsConfig(keypoints="fan"))
     assert res.mean["akd"] == 0.0 and "FAN 2DFAN-4" in res.models["akd"]
-    M.fan_model.cache_clear()
+    M.load_landmarker.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------------- AED and APD

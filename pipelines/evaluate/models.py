@@ -18,89 +18,27 @@ in the user's torch hub cache (``$TORCH_HOME/hub/checkpoints``); otherwise its l
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.metadata
 import os
-import sys
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
+from ..offline import ModelCard, ModelUnavailable, forbid_downloads, hub_checkpoints_dir  # noqa: F401 (re-exported)
+from ..offline import dist_version as _version
+from ..offline import installed_dist as _installed
+from ..offline import sha256_file as _sha256
+from ..preprocess.landmarks68 import (  # noqa: F401 (re-exported)
+    MEDIAPIPE_TO_IBUG68,
+    Fan68,
+    face_box_from_mesh,
+    load_landmarker,
+)
+
 # MediaPipe's glog / absl chatter on graph start-up; keep user-set levels.
 os.environ.setdefault("GLOG_minloglevel", "2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Hugging Face based libraries must never reach the hub from here (none is used today; a guard for later ones).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-class ModelUnavailable(Exception):
-    """A metric's model cannot be loaded offline. ``str(exc)`` is the reason shown to the user."""
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What produced a number: model name, where its weights came from, and their licence."""
-
-    name: str
-    source: str
-    licence: str
-
-    def describe(self) -> str:
-        return f"{self.name} [{self.source}; licence: {self.licence}]"
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
-
-
-def _installed(*dists: str) -> str:
-    """'name==version' of the first installed distribution among ``dists`` (several ship the same module)."""
-    for d in dists:
-        if (v := _version(d)) != "?":
-            return f"{d}=={v}"
-    return "/".join(dists)
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def hub_checkpoints_dir() -> Path:
-    """The torch hub cache folder (``$TORCH_HOME/hub/checkpoints``, default ``~/.cache/torch/hub/checkpoints``)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-@contextmanager
-def forbid_downloads():
-    """Make any weight download through ``torch.hub`` (used by torchvision, lpips, face_alignment) raise
-    ``ModelUnavailable`` instead of touching the network, for the duration of the block."""
-
-    def refuse(url, dst, *args, **kwargs):
-        raise ModelUnavailable(f"would download {url} (offline models only: put the file at {dst} yourself)")
-
-    patched = [(torch.hub, "download_url_to_file", torch.hub.download_url_to_file)]
-    fa_utils = sys.modules.get("face_alignment.utils")  # binds the function by name at import
-    if fa_utils is not None and hasattr(fa_utils, "download_url_to_file"):
-        patched.append((fa_utils, "download_url_to_file", fa_utils.download_url_to_file))
-    for mod, name, _ in patched:
-        setattr(mod, name, refuse)
-    try:
-        yield
-    finally:
-        for mod, name, orig in patched:
-            setattr(mod, name, orig)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -109,23 +47,6 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------- face landmarks
-
-# MediaPipe face-mesh index for each of the 68 iBUG / 300-W points (the layout FAN and dlib predict): jaw 0-16 (from
-# the subject's right ear, i.e. the image's left, to the left ear), brows 17-26, nose 27-35, eyes 36-47 (right eye
-# first, from its outer corner), outer lips 48-59, inner lips 60-67. Chosen by us: for each iBUG point, the mesh
-# vertex nearest to where a 68-point detector puts it (measured with dlib's 68-point predictor on six real portraits
-# and their mirror images: mean 0.041, max 0.088 inter-ocular distances), then made mirror-symmetric and snapped to
-# the lip / eye contour and canthus vertices where those are within a pixel or two.
-MEDIAPIPE_TO_IBUG68: tuple[int, ...] = (
-    127, 227, 137, 215, 138, 136, 149, 148, 152, 377, 378, 365, 367, 435, 366, 447, 356,  # jaw
-    70, 63, 105, 66, 107, 336, 296, 334, 293, 300,  # right brow (outer -> inner), left brow (inner -> outer)
-    168, 197, 5, 4, 75, 97, 2, 326, 305,  # nose bridge (top -> tip), nostrils (right -> left)
-    33, 160, 158, 133, 153, 144,  # right eye: outer corner, upper lid x2, inner corner, lower lid x2
-    362, 385, 387, 263, 373, 380,  # left eye: inner corner, upper lid x2, outer corner, lower lid x2
-    61, 40, 37, 0, 267, 270, 291, 405, 314, 17, 84, 181,  # outer lips, from the right corner, clockwise on screen
-    78, 82, 13, 312, 308, 317, 14, 87,  # inner lips
-)
-
 
 class FaceMesh478:
     """MediaPipe face mesh v2 with attention (478 points incl. irises), one image at a time, static-image mode (a
@@ -174,57 +95,8 @@ def face_mesh() -> FaceMesh478:
     return FaceMesh478()
 
 
-def face_box_from_mesh(lmk: np.ndarray) -> np.ndarray:
-    """(4,) x0, y0, x1, y1 face box in the convention of frontal-face detectors (dlib's HOG, S3FD: brows to chin,
-    cheek to cheek) from (478, 3) mesh points. Calibrated on real portraits against dlib's HOG detector; only used to
-    seed the 5-point / FAN alignment, which is tolerant to a few pixels of box error."""
-    x0, y0 = lmk[:468, :2].min(0)
-    x1, y1 = lmk[:468, :2].max(0)
-    w, h = x1 - x0, y1 - y0
-    return np.array([x0 - 0.045 * w, y0 + 0.05 * h, x1 + 0.045 * w, y0 + 0.92 * h])
-
-
-class Fan68:
-    """FAN (2DFAN-4, Bulat & Tzimiropoulos 2017, the paper's AKD model) through ``face_alignment`` >= 1.5, used only
-    when its weights are already in the torch hub cache. Faces are located with our MediaPipe box (no S3FD)."""
-
-    def __init__(self) -> None:
-        try:
-            import face_alignment as fa
-            from face_alignment import api as fa_api
-        except Exception as exc:
-            raise ModelUnavailable(f"face_alignment is not installed ({exc.__class__.__name__})") from exc
-        urls = getattr(fa_api, "models_urls", None)
-        if not isinstance(urls, dict) or "2DFAN-4" not in urls or not hasattr(fa, "LandmarksType"):
-            raise ModelUnavailable(f"face_alignment=={_version('face-alignment')} is not supported (need >= 1.5)")
-        fname = Path(urlparse(urls["2DFAN-4"]).path).name
-        path = hub_checkpoints_dir() / fname
-        if not path.is_file():
-            raise ModelUnavailable(f"FAN weights {fname} are not in the torch hub cache ({path.parent})")
-        with forbid_downloads(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self._fa = fa.FaceAlignment(
-                fa.LandmarksType.TWO_D, device="cpu", flip_input=False, face_detector="folder", compile=False
-            )
-        self.card = ModelCard(
-            "FAN 2DFAN-4 (68 points)",
-            f"face-alignment=={_version('face-alignment')}, weights {path}",
-            "code BSD-3-Clause; weights: see face-alignment (trained on 300W-LP, research use)",
-        )
-
-    def __call__(self, rgb: np.ndarray, box: np.ndarray) -> np.ndarray | None:
-        """(68, 2) keypoints in pixels for the face in ``box`` (4,) x0, y0, x1, y1."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = self._fa.get_landmarks_from_image(rgb, detected_faces=[np.asarray(box, dtype=np.float64)])
-        if not out:
-            return None
-        return np.asarray(out[0], dtype=np.float64)[:, :2]
-
-
-@functools.lru_cache(maxsize=1)
 def fan_model() -> Fan68:
-    return Fan68()
+    return load_landmarker("fan")  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------- identity (CSIM)

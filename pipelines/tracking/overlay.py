@@ -63,7 +63,8 @@ def tracking_overlay(
             "none" draws landmarks only.
         alpha: opacity of the mesh layer.
     Returns:
-        (T, H, W, 3) uint8 images; observed landmarks green, the model's landmarks red.
+        (T, H, W, 3) uint8 images; observed landmarks green, the model's landmarks red (only those that have an
+        observation in that frame, e.g. 68 of them for a 68-point source).
     """
     import cv2
 
@@ -76,6 +77,7 @@ def tracking_overlay(
     K = torch.as_tensor(result.K, dtype=torch.float32)
     faces = head.faces.cpu()
     out = frames[:T].copy()
+    mp_index = head.landmarks.mp_index.cpu().numpy() if head.landmarks is not None else None
     for start in range(0, T, batch):
         idx = np.arange(start, min(start + batch, T))
         with torch.no_grad():
@@ -95,13 +97,21 @@ def tracking_overlay(
             if style != "none":
                 img = _draw_mesh(img, px[b], cam[b], faces, style, alpha)
             if draw_landmarks:
+                shown = None  # model landmarks to draw: those with an observation (a 68-point source has 68)
+                radius = 1
                 if result.landmarks is not None:
                     obs = result.landmarks[t] * np.array([W, H]) / result.image_size
-                    for x, y in obs[np.isfinite(obs).all(-1)]:
-                        cv2.circle(img, (int(round(x)), int(round(y))), 1, OBSERVED_COLOR, -1, cv2.LINE_AA)
+                    present = np.isfinite(obs).all(-1)
+                    radius = 1 if present.sum() > 100 else 2
+                    for x, y in obs[present]:
+                        cv2.circle(img, (int(round(x)), int(round(y))), radius, OBSERVED_COLOR, -1, cv2.LINE_AA)
+                    if present.any() and mp_index is not None:
+                        shown = np.zeros(len(mp_index), bool)
+                        inside = mp_index < len(present)
+                        shown[inside] = present[mp_index[inside]]
                 if model_px is not None:
-                    for x, y in model_px[b]:
-                        cv2.circle(img, (int(round(x)), int(round(y))), 1, MODEL_COLOR, -1, cv2.LINE_AA)
+                    for x, y in model_px[b] if shown is None else model_px[b][shown]:
+                        cv2.circle(img, (int(round(x)), int(round(y))), radius, MODEL_COLOR, -1, cv2.LINE_AA)
             out[t] = img
     return out
 
