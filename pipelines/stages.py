@@ -6,6 +6,7 @@ Every job returns ``(status, outputs)`` with status ``done`` or ``skipped`` (up 
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -23,11 +24,13 @@ def head_kind(head) -> str:
     return "flame" if head.name.lower().startswith("flame") else "embedded"
 
 
-def make_track_hook(head, tracking_cfg=None, landmarks: str = "mediapipe"):
+def make_track_hook(head, tracking_cfg=None, landmarks: str = "mediapipe", photometric=None):
     """The preprocess hook that fits the head model to the landmarks and writes ``tracking.npz``.
 
     ``landmarks``: "mediapipe" tracks on the 478-point mesh of ``landmarks.npz``; "fan" / "dlib" first detects 68
     points on the crops (``landmarks68.npz``) and tracks on those, placed at their MediaPipe indices.
+    ``photometric``: a ``PhotometricConfig`` to refine the tracking with the crops' colours afterwards (videos;
+    writes ``photometric.json`` with what it changed), or None.
     """
     from .preprocess.landmarks68 import LANDMARKS68, run_landmarks68, to_mediapipe_layout
     from .tracking.fit import track
@@ -46,19 +49,41 @@ def make_track_hook(head, tracking_cfg=None, landmarks: str = "mediapipe"):
                                  "use --landmarks mediapipe (the default)")
             files.append(LANDMARKS68)
         res = track(head, lmk, valid, K, c2w[0], image_size=size, config=tracking_cfg)
+        if photometric is not None:
+            res = _refine_photometric(stage_dir, head, res, tracking_cfg, photometric)
+            files.append("photometric.json")
         save_tracking(stage_dir / "tracking.npz", res, head.name)
         return files
 
     return hook
 
 
+def _refine_photometric(stage_dir: Path, head, res, tracking_cfg, cfg):
+    """Photometric refinement of a fresh tracking on the stage's crops and mattes; writes ``photometric.json``."""
+    import cv2
+
+    from .store import atomic_path
+    from .tracking.photometric import refine_photometric
+
+    def load(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rgb = [cv2.cvtColor(cv2.imread(str(stage_dir / "frames" / f"{t:06d}.png")), cv2.COLOR_BGR2RGB) for t in ids]
+        alpha = [cv2.imread(str(stage_dir / "mattes" / f"{t:06d}.png"), cv2.IMREAD_GRAYSCALE) for t in ids]
+        return np.stack(rgb), np.stack(alpha)
+
+    refined, report = refine_photometric(head, res, load, tracking_cfg, cfg)
+    with atomic_path(stage_dir / "photometric.json") as tmp:
+        tmp.write_text(json.dumps({"settings": cfg.to_dict(), **asdict(report)}, indent=2), encoding="utf-8")
+    return refined
+
+
 def preprocess_item(input_path: Path, out: Path, head, pp_cfg=None, tracking_cfg=None, progress: Progress = None,
-                    force: bool = False, overlay: str | None = None, landmarks: str = "mediapipe"
-                    ) -> tuple[str, dict]:
+                    force: bool = False, overlay: str | None = None, landmarks: str = "mediapipe",
+                    photometric=None) -> tuple[str, dict]:
     """``<out>/<id>/preprocess/``: frames, mattes, landmarks and tracking of one image or video.
 
-    ``landmarks``: the tracking's landmark source, "mediapipe" (478 points), "fan" or "dlib" (68 points); a change
-    re-runs only the tracking (the frames and mattes are reused).
+    ``landmarks``: the tracking's landmark source, "mediapipe" (478 points), "fan" or "dlib" (68 points);
+    ``photometric``: a ``PhotometricConfig`` to refine the tracking with the frames' colours (None: off). Changing
+    either re-runs only the tracking (the frames and mattes are reused).
 
     ``overlay`` ("shaded" | "wireframe" | "none"): also draw the tracked mesh and landmarks over the frames
     (``overlay.mp4`` / ``overlay.png``, a derived view outside the stage manifest, redrawn on every request).
@@ -78,10 +103,14 @@ def preprocess_item(input_path: Path, out: Path, head, pp_cfg=None, tracking_cfg
         total["n"] = done
 
     track_settings = {"head": head.name, "tracking": asdict(tracking_cfg) if tracking_cfg is not None else "default"}
-    if landmarks != "mediapipe":  # recorded only when not the default, so earlier manifests stay valid
+    # Recorded only when not the default, so manifests of earlier runs stay valid.
+    if landmarks != "mediapipe":
         track_settings["landmarks"] = landmarks
+    if photometric is not None:
+        track_settings["photometric"] = photometric.to_dict()
     res = run_preprocess(input_path, item_dir, cfg, progress=pp_progress,
-                         track_fn=make_track_hook(head, tracking_cfg, landmarks), track_settings=track_settings)
+                         track_fn=make_track_hook(head, tracking_cfg, landmarks, photometric),
+                         track_settings=track_settings)
     outputs = {"frames": res.num_frames, "status": res.status_counts, "dir": str(res.stage_dir)}
     if overlay is not None:
         from .tracking.overlay import write_tracking_overlay

@@ -19,7 +19,7 @@ joint rotations). The normal equations are block-diagonal per frame, plus an arr
 frames: Schur complement) or a band (smoothness couples each frame to two neighbours on each side: exact block
 Cholesky, O(T P^3)). With the embedded head model (478 landmarks), a 200-frame clip takes ~2-4 s on one CPU core.
 
-Not done here: photometric refinement (fitting to image colours) - landmarks only.
+Landmarks only; ``photometric.refine_photometric`` optionally refines the result with the frames' colours.
 
 The head moves, the camera stays: ``rotation`` / ``translation`` are the root joint's global pose, and the neck
 stays at zero: the whole head, neck included, turns rigidly (face landmarks carry no evidence to split a turn
@@ -508,6 +508,17 @@ def rigid_init(
     return rot, trans
 
 
+def smoothness_coefficients(problem: _Problem, sens: torch.Tensor) -> torch.Tensor:
+    """(P,) float64 weights of the second-difference penalty: the config's weight per parameter group times the
+    squared pixel sensitivity, so that every weight reads as landmark pixels."""
+    cfg = problem.cfg
+    coef = torch.zeros(problem.P, dtype=torch.float64)
+    for name, w in (("expression", cfg.smooth_expression), ("rotation", cfg.smooth_pose),
+                    ("translation", cfg.smooth_pose), ("jaw", cfg.smooth_jaw), ("eyes", cfg.smooth_eyes)):
+        coef[problem.sl[name]] = w
+    return coef * sens.double() ** 2
+
+
 def pixel_sensitivity(J_x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(P,) RMS landmark motion (ref px) per unit of each parameter, from Jacobians (N, L, 2, P)."""
     w = (weights > 0).float()[..., None, None]
@@ -576,23 +587,30 @@ def track(
         return _track(head, lmk2d, valid, K, c2w_t, int(image_size), cfg, shape_init, progress)
 
 
-def _track(head, lmk2d, valid, K, c2w, image_size, cfg, shape_init, progress) -> TrackingResult:
-    t_start = time.perf_counter()
-    T = lmk2d.shape[0]
-    rig = LandmarkRig(head, n_available=lmk2d.shape[1])
-    problem = _Problem(rig, K, c2w, cfg)
+def landmark_data(rig: LandmarkRig, lmk2d: np.ndarray, valid: np.ndarray, cfg: TrackingConfig, image_size: int):
+    """The tracker's observations: (data (_Data over all T frames), obs_px (T, L, 2), present (T, L) bool,
+    group weights (L,), tracked (T,) bool: valid frames with at least 6 landmarks)."""
     obs_px = lmk2d[:, rig.mp_index.numpy()]  # (T, L, 2)
     present = np.isfinite(obs_px).all(-1)
     group_w = landmark_weights(rig.mp_index, cfg).numpy()
     weights = np.where(present, group_w[None], 0.0)
     tracked = valid & (present.sum(1) >= 6)
+    obs_px = np.where(present[..., None], obs_px, 0.0)
+    wsum = weights.sum(1, keepdims=True)
+    data = _Data(torch.as_tensor(obs_px / image_size, dtype=torch.float32),
+                 torch.as_tensor(weights / np.maximum(wsum, 1e-12), dtype=torch.float32))
+    return data, obs_px, present, group_w, tracked
+
+
+def _track(head, lmk2d, valid, K, c2w, image_size, cfg, shape_init, progress) -> TrackingResult:
+    t_start = time.perf_counter()
+    T = lmk2d.shape[0]
+    rig = LandmarkRig(head, n_available=lmk2d.shape[1])
+    problem = _Problem(rig, K, c2w, cfg)
+    data_all, obs_px, present, group_w, tracked = landmark_data(rig, lmk2d, valid, cfg, image_size)
     ids = np.flatnonzero(tracked)
     if len(ids) == 0:
         raise InputError("no frame has a detected face with enough landmarks", "check the input shows a face")
-    obs_px = np.where(present[..., None], obs_px, 0.0)
-    wsum = weights.sum(1, keepdims=True)
-    data_all = _Data(torch.as_tensor(obs_px / image_size, dtype=torch.float32),
-                     torch.as_tensor(weights / np.maximum(wsum, 1e-12), dtype=torch.float32))
     # Rigid landmarks for PnP: reliable (not the silhouette) and moved by neither the jaw nor the eyes.
     moving = rig.joint_weight[:, [JAW, EYE_LEFT, EYE_RIGHT]].sum(1).numpy() > 0.05
     rigid = (group_w >= 1.0) & ~moving
@@ -629,11 +647,7 @@ def _track(head, lmk2d, valid, K, c2w, image_size, cfg, shape_init, progress) ->
     # ---- 3: all tracked frames, chunked, shape fixed
     X = torch.zeros(T, problem.P)
     X[key] = x_key
-    smooth_coef = torch.zeros(problem.P, dtype=torch.float64)
-    for name, w in (("expression", cfg.smooth_expression), ("rotation", cfg.smooth_pose),
-                    ("translation", cfg.smooth_pose), ("jaw", cfg.smooth_jaw), ("eyes", cfg.smooth_eyes)):
-        smooth_coef[problem.sl[name]] = w
-    smooth_coef = smooth_coef * sens.double() ** 2
+    smooth_coef = smoothness_coefficients(problem, sens)
     single = len(ids) == 1 and cfg.optimize_shape  # a photo: the shape stage already fitted its only frame
     prev: np.ndarray | None = None
     n_chunks = 0 if single else int(np.ceil(len(ids) / cfg.chunk_frames))
@@ -658,16 +672,50 @@ def _track(head, lmk2d, valid, K, c2w, image_size, cfg, shape_init, progress) ->
         X[commit] = x[: len(commit)]
         prev = commit
 
-    # ---- clamp into the allowed ranges, measure, fill the gaps
+    result = assemble_result(problem, beta, X, data_all, present, tracked, K, c2w, image_size, head, lmk2d)
+    if progress is not None:
+        progress(f"done in {time.perf_counter() - t_start:.1f}s", 1, 1)
+    return result
+
+
+def clamp_to_limits(problem: _Problem, X: torch.Tensor) -> torch.Tensor:
+    """X (N, P) with jaw and eyes clamped into their allowed ranges (in place; returned for chaining)."""
     X[:, problem.sl["jaw"]] = torch.maximum(torch.minimum(X[:, problem.sl["jaw"]], problem.jaw_hi), problem.jaw_lo)
-    X[:, problem.sl["eyes"]] = X[:, problem.sl["eyes"]].clamp(-cfg.eye_max, cfg.eye_max)
-    errors = np.full(T, np.nan, dtype=np.float32)
-    for start in range(0, len(ids), cfg.chunk_frames):
-        chunk = ids[start:start + cfg.chunk_frames]
+    X[:, problem.sl["eyes"]] = X[:, problem.sl["eyes"]].clamp(-problem.cfg.eye_max, problem.cfg.eye_max)
+    return X
+
+
+def frame_errors(problem: _Problem, beta: torch.Tensor, X: torch.Tensor, data: _Data, present: np.ndarray,
+                 ids: np.ndarray) -> np.ndarray:
+    """(T,) mean landmark reprojection error (reference px) of frames ``ids``; NaN elsewhere."""
+    errors = np.full(X.shape[0], np.nan, dtype=np.float32)
+    for start in range(0, len(ids), problem.cfg.chunk_frames):
+        chunk = ids[start:start + problem.cfg.chunk_frames]
         uv = problem.project_px(problem.landmarks(beta, X[chunk]))
-        err = (uv - data_all.obs[chunk] * REF_SIZE).norm(dim=-1).numpy()
+        err = (uv - data.obs[chunk] * REF_SIZE).norm(dim=-1).numpy()
         m = present[chunk]
         errors[chunk] = (err * m).sum(1) / m.sum(1)
+    return errors
+
+
+def params_to_x(problem: _Problem, params: dict[str, np.ndarray]) -> torch.Tensor:
+    """Per-frame vector X (T, P) from a tracking's parameter arrays (the inverse of ``assemble_result``)."""
+    T = params["rotation"].shape[0]
+    X = torch.zeros(T, problem.P)
+    for name in ("rotation", "translation", "jaw", "eyes"):
+        X[:, problem.sl[name]] = _as_tensor(params[name])
+    X[:, problem.sl["expression"]] = _as_tensor(params["expression"])[:, : problem.E]
+    return X
+
+
+def assemble_result(problem: _Problem, beta, X, data, present, tracked, K, c2w, image_size, head, lmk2d
+                    ) -> TrackingResult:
+    """Clamp, measure the landmark errors, fill untracked frames and pack a ``TrackingResult``."""
+    cfg = problem.cfg
+    T = X.shape[0]
+    ids = np.flatnonzero(tracked)
+    clamp_to_limits(problem, X)
+    errors = frame_errors(problem, beta, X, data, present, ids)
     f = problem.split(X)
     per_frame = {
         "expression": problem.full_expression(X).numpy(),
@@ -681,8 +729,6 @@ def _track(head, lmk2d, valid, K, c2w, image_size, cfg, shape_init, progress) ->
     status[(status == TRACKED) & (errors > cfg.max_error_px)] = LOW_CONFIDENCE
     params = {"shape": problem.full_shape(beta)[0].numpy().astype(np.float32)}
     params |= {k: v.astype(np.float32) for k, v in filled.items()}
-    if progress is not None:
-        progress(f"done in {time.perf_counter() - t_start:.1f}s", 1, 1)
     return TrackingResult(
         params=params,
         K=K.numpy().astype(np.float32),

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..head.base import HeadModel, HeadParams
+from ..head.base import HeadModel, HeadParams, LandmarkEmbedding
 from ..head.lbs import axis_angle_to_matrix
 
 
@@ -52,14 +52,16 @@ class LandmarkRig(nn.Module):
         head: the full head model (must have a landmark embedding).
         n_available: number of landmark columns in the observations (478 with irises, 468 without); embedded
             landmarks with a MediaPipe index at or beyond it are dropped.
+        embedding: surface points to use instead of the head's landmark embedding (e.g. dense samples of the face
+            for photometric refinement; their ``mp_index`` is then just their column number).
     Attributes:
         mp_index (L,) MediaPipe index of each kept landmark, in the embedding's order.
         joint_weight (L, J) total skinning weight of each landmark on each joint.
     """
 
-    def __init__(self, head: HeadModel, n_available: int = 478) -> None:
+    def __init__(self, head: HeadModel, n_available: int = 478, embedding: LandmarkEmbedding | None = None) -> None:
         super().__init__()
-        emb = head.landmarks
+        emb = head.landmarks if embedding is None else embedding
         if emb is None:
             raise InputError(f"head model '{head.name}' has no landmark embedding", "use a head model with landmarks")
         keep = emb.mp_index < n_available
