@@ -329,6 +329,21 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(dataset, head, tmp_p
     assert la[-1]["total"] == lb[-1]["total"] and la[-1]["l1"] == lb[-1]["l1"]
 
 
+def test_init_weights_start_the_network_from_a_trained_file(dataset, head, tmp_path, cache_env):
+    """``--init-weights`` (how the shipped weights were continued): step-0 validation scores the given weights
+    (labelled "init"), not a fresh network."""
+    cfg = tiny_config()
+    first = train(cfg, [dataset], tmp_path / "first", head=head, stop_at_step=2)
+    cont = train(cfg, [dataset], tmp_path / "cont", head=head, stop_at_step=1, init_weights=first.weights)
+    assert cont.step == 1
+    a, b = read_csv(tmp_path / "first" / "val.csv"), read_csv(tmp_path / "cont" / "val.csv")
+    end_of_first = {r["clip"]: float(r["psnr"]) for r in a if r["method"] == "network" and int(r["step"]) == 2}
+    init = {r["clip"]: float(r["psnr"]) for r in b if r["method"] == "init"}
+    assert init and not any(r["method"] == "untrained" for r in b)
+    for clip, psnr in init.items():  # the fp16 file scores what the network scored when it was written
+        assert abs(psnr - end_of_first[clip]) < 0.05, (clip, psnr, end_of_first[clip])
+
+
 # --------------------------------------------------------------------------------------------------------- packing
 def test_pack_keeps_tracked_frames_spread_and_renumbered(dataset, tmp_path):
     """clip_a has frames 0, 1, 3 tracked (2 is low-confidence): packing 2 of them keeps the first and the last, renumbers

@@ -6,7 +6,8 @@ Output folder layout::
     <out>/notes.json                  data used, and what could not be done here (LPIPS, L_id, novel views, flip)
     <out>/train_log.csv               step, lr, every loss term (unweighted, averaged over the logging window),
                                       the weighted total, gradient norm, seconds per step
-    <out>/val.csv                     step, clip, method (network | untrained | baseline), PSNR, SSIM, frames
+    <out>/val.csv                     step, clip, method (network | untrained | init | baseline), PSNR, SSIM, frames
+                                      ("init": the network at step 0 when it started from --init-weights)
     <out>/val_grid_<step>.png         source | target | ours | baseline, two targets per validation clip
     <out>/losses.png                  loss curves (PIL)
     <out>/checkpoints/last.pt         full training state (exact resume), written atomically
@@ -227,11 +228,11 @@ def train(
 
     baselines: dict = {}
 
-    def run_validation(at_step: int, untrained: bool = False) -> dict:
+    def run_validation(at_step: int, first: bool = False) -> dict:
         if not val_clips or not main_proc:
             return {}
         rows, summary, grids = [], {}, []
-        method = "untrained" if untrained else "network"
+        method = ("init" if init_weights is not None else "untrained") if first else "network"
         for vc in val_clips:
             if vc.name not in baselines:
                 baselines[vc.name] = validate_baseline(head, uv, vc, size, backend=backend)
@@ -247,7 +248,7 @@ def train(
 
     validation: dict = {}
     if not resumed:
-        validation = run_validation(0, untrained=True)
+        validation = run_validation(0, first=True)
 
     model = net
     if world > 1:
