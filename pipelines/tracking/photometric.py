@@ -36,15 +36,15 @@ from .fit import (
     _Data,
     _Problem,
     _Smoothness,
+    assemble_result,
     clamp_to_limits,
     landmark_data,
     params_to_x,
     pixel_sensitivity,
     robust_penalty,
     smoothness_coefficients,
-    assemble_result,
 )
-from .result import TRACKED, LOW_CONFIDENCE, TrackingResult
+from .result import LOW_CONFIDENCE, TRACKED, TrackingResult
 from .rig import LandmarkRig
 from .temporal import smoothness_triples
 
@@ -229,8 +229,7 @@ def refine_photometric(
     beta = shape[: problem.S].clone()
     problem.shape_tail = shape[problem.S:].clone()
     X = params_to_x(problem, result.params)
-    with torch.no_grad():
-        before_err = float(np.nanmedian(result.lmk_error_px[ids])) if len(ids) else float("nan")
+    before_err = float(np.nanmedian(result.lmk_error_px[ids])) if len(ids) else float("nan")
     if len(ids) < 2:
         return result, PhotometricReport(len(ids), 0.0, 0.0, before_err, before_err, time.perf_counter() - t0,
                                          skipped="fewer than 2 tracked frames (a photo): nothing to compare")
@@ -238,9 +237,10 @@ def refine_photometric(
     emb, vertex_ids = face_vertex_embedding(head, cfg.points, cfg.seed)
     dense = _Problem(LandmarkRig(head, n_available=len(vertex_ids), embedding=emb), K, c2w, tcfg)
     dense.shape_tail = problem.shape_tail
-    with torch.no_grad():
-        _, J_x, _, _ = problem.linearize(beta, X[ids[: min(len(ids), 16)]], data[ids[: min(len(ids), 16)]], False)
-        sens = pixel_sensitivity(J_x, data.weights[ids[: min(len(ids), 16)]]).clamp_min(1e-3)
+    with torch.no_grad():  # pixel sensitivity per parameter, from up to 16 frames (it varies little over a clip)
+        some = ids[:16]
+        _, J_x, _, _ = problem.linearize(beta, X[some], data[some], False)
+        sens = pixel_sensitivity(J_x, data.weights[some]).clamp_min(1e-3)
     smooth_coef = smoothness_coefficients(problem, sens)
     res_before, res_after, n_done = [], [], 0
     prev: np.ndarray | None = None
