@@ -6,7 +6,6 @@ Every job returns ``(status, outputs)`` with status ``done`` or ``skipped`` (up 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -34,6 +33,7 @@ def make_track_hook(head, tracking_cfg=None, landmarks: str = "mediapipe", photo
     """
     from .preprocess.landmarks68 import LANDMARKS68, run_landmarks68, to_mediapipe_layout
     from .tracking.fit import track
+    from .tracking.photometric import PHOTOMETRIC_REPORT
     from .tracking.result import save_tracking
 
     def hook(stage_dir: Path, result) -> list[str]:
@@ -42,8 +42,8 @@ def make_track_hook(head, tracking_cfg=None, landmarks: str = "mediapipe", photo
             size = int(z["size"]) if "size" in z.files else 512
         files = ["tracking.npz"]
         if landmarks != "mediapipe":
-            with np.load(run_landmarks68(stage_dir, landmarks), allow_pickle=False) as z:
-                lmk, valid = to_mediapipe_layout(z["lmk68"]), z["found"]
+            lmk68, valid = run_landmarks68(stage_dir, landmarks, lmk, valid)
+            lmk = to_mediapipe_layout(lmk68)
             if not valid.any():
                 raise InputError(f"the {landmarks} 68-point model found no face in any frame of '{stage_dir}'",
                                  "use --landmarks mediapipe (the default)")
@@ -51,7 +51,7 @@ def make_track_hook(head, tracking_cfg=None, landmarks: str = "mediapipe", photo
         res = track(head, lmk, valid, K, c2w[0], image_size=size, config=tracking_cfg)
         if photometric is not None:
             res = _refine_photometric(stage_dir, head, res, tracking_cfg, photometric)
-            files.append("photometric.json")
+            files.append(PHOTOMETRIC_REPORT)
         save_tracking(stage_dir / "tracking.npz", res, head.name)
         return files
 
@@ -60,19 +60,16 @@ def make_track_hook(head, tracking_cfg=None, landmarks: str = "mediapipe", photo
 
 def _refine_photometric(stage_dir: Path, head, res, tracking_cfg, cfg):
     """Photometric refinement of a fresh tracking on the stage's crops and mattes; writes ``photometric.json``."""
-    import cv2
-
-    from .store import atomic_path
-    from .tracking.photometric import refine_photometric
+    from .preprocess.stage import read_frame, read_matte
+    from .store import write_json
+    from .tracking.photometric import PHOTOMETRIC_REPORT, refine_photometric
 
     def load(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rgb = [cv2.cvtColor(cv2.imread(str(stage_dir / "frames" / f"{t:06d}.png")), cv2.COLOR_BGR2RGB) for t in ids]
-        alpha = [cv2.imread(str(stage_dir / "mattes" / f"{t:06d}.png"), cv2.IMREAD_GRAYSCALE) for t in ids]
-        return np.stack(rgb), np.stack(alpha)
+        return (np.stack([read_frame(stage_dir, t) for t in ids]),
+                np.stack([read_matte(stage_dir, t) for t in ids]))
 
     refined, report = refine_photometric(head, res, load, tracking_cfg, cfg)
-    with atomic_path(stage_dir / "photometric.json") as tmp:
-        tmp.write_text(json.dumps({"settings": cfg.to_dict(), **asdict(report)}, indent=2), encoding="utf-8")
+    write_json(stage_dir / PHOTOMETRIC_REPORT, {"settings": cfg.to_dict(), **asdict(report)})
     return refined
 
 

@@ -117,6 +117,15 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def save_npz(path: str | Path, **arrays) -> None:
+    """``np.savez`` to ``path`` atomically (``atomic_path``)."""
+    import numpy as np
+
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez must not append its own ".npz" to the temp name
+            np.savez(f, **arrays)
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 

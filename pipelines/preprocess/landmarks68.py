@@ -218,31 +218,24 @@ def detect_68(frames, lmk478: np.ndarray, valid: np.ndarray, model: Landmarker68
 LANDMARKS68 = "landmarks68.npz"
 
 
-def run_landmarks68(stage_dir: str | Path, source: str) -> Path:
-    """``<stage>/landmarks68.npz`` from the crops and MediaPipe meshes of a finished preprocess stage.
+def run_landmarks68(stage_dir: str | Path, source: str, lmk478: np.ndarray, valid: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """68-point landmarks on the crops of a finished preprocess stage, also written to ``<stage>/landmarks68.npz``.
 
-    Arrays: lmk68 (T, 68, 2) float32 crop pixels (NaN where none), found (T,) bool, source (str), model (str, the
-    model card). Written atomically; recomputed whenever the tracking hook runs (it is cheap next to the crop pass).
+    Args:
+        lmk478: (T, 478, 2+) the stage's MediaPipe points (``landmarks.npz``), for the face boxes; valid (T,) bool.
+    Returns:
+        lmk68 (T, 68, 2) float32 crop pixels (NaN where none) and found (T,) bool. The file holds them plus source
+        (str) and model (str, the model card); written atomically, recomputed whenever the tracking hook runs (it is
+        cheap next to the crop pass).
     """
-    import cv2
-
-    from ..store import atomic_path
+    from ..store import save_npz
+    from .stage import read_frame
 
     stage_dir = Path(stage_dir)
     model = load_landmarker(source)
-    with np.load(stage_dir / "landmarks.npz", allow_pickle=False) as z:
-        lmk478, valid = z["lmk478"], z["valid"]
-
-    def frames():
-        for t in range(len(valid)):
-            bgr = cv2.imread(str(stage_dir / "frames" / f"{t:06d}.png"), cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise FileNotFoundError(f"frame {t} of '{stage_dir}' is missing or unreadable")
-            yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-    lmk68, found = detect_68(frames(), lmk478, valid, model)
-    path = stage_dir / LANDMARKS68
-    with atomic_path(path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, lmk68=lmk68, found=found, source=np.array(source), model=np.array(model.card.describe()))
-    return path
+    frames = (read_frame(stage_dir, t) for t in range(len(valid)))
+    lmk68, found = detect_68(frames, lmk478, valid, model)
+    save_npz(stage_dir / LANDMARKS68, lmk68=lmk68, found=found, source=np.array(source),
+             model=np.array(model.card.describe()))
+    return lmk68, found

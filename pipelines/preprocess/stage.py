@@ -39,7 +39,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import FhavatarError, InputError
-from ..store import Manifest, atomic_path, hash_file, hash_obj, is_up_to_date
+from ..store import Manifest, atomic_path, hash_file, hash_obj, is_up_to_date, save_npz
 from .config import PreprocessConfig
 from .crop import apply_matrix, crop_box_from_landmarks, crop_matrix, inside_mask, smooth_boxes, warp
 from .detect import NUM_LANDMARKS, FaceBox, FaceDetector, pick_face
@@ -71,10 +71,40 @@ class PreprocessResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def frame_path(self, t: int) -> Path:
-        return self.stage_dir / "frames" / f"{t:06d}.png"
+        return frame_file(self.stage_dir, t)
 
     def matte_path(self, t: int) -> Path:
-        return self.stage_dir / "mattes" / f"{t:06d}.png"
+        return matte_file(self.stage_dir, t)
+
+
+def frame_file(stage: Path, t: int) -> Path:
+    """``frames/%06d.png`` of a preprocess stage folder: frame t's composited crop."""
+    return Path(stage) / "frames" / f"{t:06d}.png"
+
+
+def matte_file(stage: Path, t: int) -> Path:
+    """``mattes/%06d.png`` of a preprocess stage folder: frame t's 8-bit alpha matte."""
+    return Path(stage) / "mattes" / f"{t:06d}.png"
+
+
+def read_frame(stage: Path, t: int) -> np.ndarray:
+    """Frame t's crop as (H, W, 3) uint8 RGB (the file is closed at once: long videos read thousands)."""
+    return _read_png_as(frame_file(stage, t), "RGB")
+
+
+def read_matte(stage: Path, t: int) -> np.ndarray:
+    """Frame t's matte as (H, W) uint8."""
+    return _read_png_as(matte_file(stage, t), "L")
+
+
+def _read_png_as(path: Path, mode: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert(mode))
+    except (OSError, SyntaxError) as e:  # PIL's errors for missing, truncated or non-image files
+        raise InputError(f"'{path}' is missing or unreadable ({e})", "re-run `fhavatar preprocess` with --force") from e
 
 
 def stage_dir(item_dir: str | Path) -> Path:
@@ -172,7 +202,7 @@ def _run(input_path: Path, out: Path, cfg: PreprocessConfig, key: str, progress:
             boxes = _cached_boxes(out, key)
             if boxes is None:
                 boxes = box_pass(src, det, cfg)
-                _save_npz(out / BOXES, key=np.array(key), **boxes)
+                save_npz(out / BOXES, key=np.array(key), **boxes)
             timings["box_pass"] = time.time() - t0
             if not boxes["detected"].any():
                 where = "any frame of " if src.kind == "video" else ""
@@ -188,7 +218,7 @@ def _run(input_path: Path, out: Path, cfg: PreprocessConfig, key: str, progress:
     status = table.status
     valid = status != "no_face"
     K, c2w = frontal_camera(T)
-    _save_npz(out / LANDMARKS, lmk478=table.lmk, valid=valid, status=status, crop_transform=table.M,
+    save_npz(out / LANDMARKS, lmk478=table.lmk, valid=valid, status=status, crop_transform=table.M,
               boxes=boxes["smoothed"], boxes_raw=boxes["raw"], source_frame_index=src.indices,
               fps=np.float64(src.fps), K=K, c2w=c2w, size=np.int64(cfg.size),
               source_size=np.array([src.width, src.height]))
@@ -301,8 +331,8 @@ def process_frame(frame: np.ndarray, t: int, source_index: int, boxes: dict[str,
     raw = seg(crop)
     alpha = refine_matte(raw, crop, lmk, inside, refine=cfg.matting_refine)
     rgb = composite(crop, alpha, cfg.background)
-    _write_png(out / "frames" / f"{t:06d}.png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    _write_png(out / "mattes" / f"{t:06d}.png", alpha_to_u8(alpha))
+    _write_png(frame_file(out, t), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    _write_png(matte_file(out, t), alpha_to_u8(alpha))
     return {"t": t, "src": source_index, "status": status, "M": M.tolist(),
             "lmk": None if lmk is None else np.round(lmk, 3).tolist()}
 
@@ -314,12 +344,6 @@ def _write_png(path: Path, img: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         if not cv2.imwrite(str(tmp), img):
             raise OSError(f"could not write '{path}'")
-
-
-def _save_npz(path: Path, **arrays) -> None:
-    with atomic_path(path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
 
 
 def _cached_boxes(out: Path, key: str) -> dict[str, np.ndarray] | None:

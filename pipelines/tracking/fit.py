@@ -519,6 +519,18 @@ def smoothness_coefficients(problem: _Problem, sens: torch.Tensor) -> torch.Tens
     return coef * sens.double() ** 2
 
 
+def chunk_smoothness(chunk: np.ndarray, prev: np.ndarray | None, coef: torch.Tensor, max_gap: int
+                     ) -> tuple[_Smoothness | None, np.ndarray]:
+    """The smoothness penalty of a chunk of frame ids, with the last two solved frames of the previous chunk
+    (``prev``) as fixed context, so smoothing does not break at chunk borders. Returns (penalty, or None when it has
+    nothing to act on; the context frame ids (C,))."""
+    ctx_ids = prev[-2:] if prev is not None else np.zeros(0, dtype=np.int64)
+    if len(chunk) + len(ctx_ids) < 3 or float(coef.max()) <= 0:
+        return None, ctx_ids
+    tri = smoothness_triples(np.concatenate([ctx_ids, chunk]), max_gap)
+    return (_Smoothness(tri, coef, len(ctx_ids), len(chunk)) if len(tri) else None), ctx_ids
+
+
 def pixel_sensitivity(J_x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(P,) RMS landmark motion (ref px) per unit of each parameter, from Jacobians (N, L, 2, P)."""
     w = (weights > 0).float()[..., None, None]
@@ -659,12 +671,7 @@ def _track(head, lmk2d, valid, K, c2w, image_size, cfg, shape_init, progress) ->
         x0 = init_x(chunk, beta)
         is_key = torch.as_tensor(np.isin(chunk, key))
         x0[is_key] = X[chunk[is_key.numpy()]]  # warm start from the shape stage
-        ctx_ids = prev[-2:] if prev is not None else np.zeros(0, dtype=np.int64)
-        smooth = None
-        if T > 1 and len(chunk) + len(ctx_ids) >= 3:
-            tri = smoothness_triples(np.concatenate([ctx_ids, chunk]), cfg.max_gap)
-            if len(tri) and float(smooth_coef.max()) > 0:
-                smooth = _Smoothness(tri, smooth_coef, len(ctx_ids), len(chunk))
+        smooth, ctx_ids = chunk_smoothness(chunk, prev, smooth_coef, cfg.max_gap)
         context = X[ctx_ids].double() if len(ctx_ids) else None
         _, x = _levenberg_marquardt(problem, data_all[chunk], beta, x0, fit_shape=False, iters=cfg.frame_iters,
                                     smooth=smooth, context=context, progress=progress,

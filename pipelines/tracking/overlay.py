@@ -121,6 +121,7 @@ def write_tracking_overlay(stage_dir: str | Path, head: HeadModel, style: str = 
     """Draw the tracking of a preprocessed item over its frames: ``overlay.mp4`` for a video, ``overlay.png`` for a
     single image, next to ``tracking.npz``. Frames are read ``chunk`` at a time (bounded memory); written atomically.
     """
+    from ..preprocess.stage import read_frame
     from ..video import write_png, write_video
     from .result import load_tracking
 
@@ -131,7 +132,7 @@ def write_tracking_overlay(stage_dir: str | Path, head: HeadModel, style: str = 
     def frames() -> Iterator[np.ndarray]:
         for start in range(0, T, chunk):
             idx = np.arange(start, min(start + chunk, T))
-            imgs = np.stack([_read_rgb(stage / "frames" / f"{t:06d}.png") for t in idx])
+            imgs = np.stack([read_frame(stage, t) for t in idx])
             sub = result.select(idx)
             yield from tracking_overlay(imgs, head, sub, style=style)
 
@@ -142,11 +143,3 @@ def write_tracking_overlay(stage_dir: str | Path, head: HeadModel, style: str = 
         path = stage / "overlay.mp4"
         write_video(path, frames(), fps=fps)
     return path
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8; the file is closed at once (a long video's overlay opens thousands of frames)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))

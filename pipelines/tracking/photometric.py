@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..head.base import REGIONS, HeadModel, LandmarkEmbedding
+from ..head.base import REGIONS, HeadModel, HeadParams, LandmarkEmbedding
 from .config import TrackingConfig
 from .fit import (
     REF_SIZE,
     _Data,
     _Problem,
-    _Smoothness,
     assemble_result,
+    chunk_smoothness,
     clamp_to_limits,
     landmark_data,
     params_to_x,
@@ -46,7 +46,8 @@ from .fit import (
 )
 from .result import LOW_CONFIDENCE, TRACKED, TrackingResult
 from .rig import LandmarkRig
-from .temporal import smoothness_triples
+
+PHOTOMETRIC_REPORT = "photometric.json"  # what the preprocess hook writes next to tracking.npz
 
 # (frame ids) -> images (N, H, W, 3) uint8 RGB and mattes (N, H, W) uint8 of those frames (the tracked crops).
 FrameLoader = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
@@ -135,8 +136,6 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 def visible_vertices(head: HeadModel, problem: _Problem, params_x: torch.Tensor, beta: torch.Tensor,
                      vertex_ids: np.ndarray, mattes: torch.Tensor, cfg: PhotometricConfig) -> torch.Tensor:
     """(N, P) bool: sampled vertex p is visible and on the matte in frame n (see the module docstring)."""
-    from ..head.base import HeadParams
-
     N = params_x.shape[0]
     f = problem.split(params_x)
     params = HeadParams(
@@ -250,12 +249,7 @@ def refine_photometric(
         rgb, alpha = load_frames(chunk)
         images = torch.as_tensor(np.asarray(rgb), dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
         mattes = torch.as_tensor(np.asarray(alpha), dtype=torch.float32)[:, None] / 255.0
-        ctx_ids = prev[-2:] if prev is not None else np.zeros(0, dtype=np.int64)
-        smooth = None
-        if len(chunk) + len(ctx_ids) >= 3 and float(smooth_coef.max()) > 0:
-            tri = smoothness_triples(np.concatenate([ctx_ids, chunk]), tcfg.max_gap)
-            if len(tri):
-                smooth = _Smoothness(tri, smooth_coef.float(), len(ctx_ids), len(chunk))
+        smooth, ctx_ids = chunk_smoothness(chunk, prev, smooth_coef, tcfg.max_gap)
         context = X[ctx_ids] if len(ctx_ids) else torch.zeros(0, problem.P)
         x = X[chunk].clone()
         chunk_data = data[chunk]
@@ -325,4 +319,4 @@ def _fit_step(problem: _Problem, dense: _Problem, x0, beta, data: _Data, images,
         return clamp_to_limits(problem, (z / scale).detach().clone())
 
 
-__all__ = ["PhotometricConfig", "PhotometricReport", "refine_photometric", "face_vertex_embedding", "appearance"]
+__all__ = ["PHOTOMETRIC_REPORT", "PhotometricConfig", "PhotometricReport", "refine_photometric", "face_vertex_embedding", "appearance"]

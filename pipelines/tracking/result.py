@@ -12,7 +12,7 @@ import torch
 from ..errors import InputError
 from ..head.base import HeadModel, HeadParams
 from ..head.lbs import axis_angle_to_matrix
-from ..store import atomic_path
+from ..store import save_npz
 
 # Per-frame status codes (``TrackingResult.status``).
 TRACKED = 0  # fitted to this frame's landmarks
@@ -96,9 +96,7 @@ def save_tracking(path: str | Path, result: TrackingResult, head_model_name: str
     )
     if result.landmarks is not None:
         arrays["landmarks"] = np.asarray(result.landmarks, dtype=np.float32)
-    with atomic_path(path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as f:  # a file object: np.savez must not append its own ".npz" to the temp name
-            np.savez(f, **arrays)
+    save_npz(path, **arrays)
 
 
 def load_tracking(path: str | Path) -> TrackingResult:
