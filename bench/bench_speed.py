@@ -70,7 +70,8 @@ from pipelines.core.camera import (  # noqa: E402
 from pipelines.head.base import HeadModel, HeadParams  # noqa: E402
 from pipelines.head.registry import load_head_model  # noqa: E402
 from pipelines.render import render_gaussians  # noqa: E402
-from pipelines.uv.space import UVConfig, load_or_build_uv_space, uv_layout_digest  # noqa: E402
+from pipelines.avatar.head import head_record  # noqa: E402
+from pipelines.uv.space import UVConfig, load_or_build_uv_space  # noqa: E402
 
 # Checks: new pose step vs baseline (float32 rounding of the same maths, amplified on ~1 mm triangles for the
 # frames), graph vs eager (same kernels: bitwise equal expected), frames of the new vs baseline loop (uint8).
@@ -554,7 +555,7 @@ def template_avatar(head: HeadModel, uv) -> Avatar:
     return Avatar(template_maps(uv.to("cpu"))[0].numpy(), np.zeros((3, uv.size, uv.size), np.float32),
                   np.zeros(head.n_shape, np.float32), params, normalized_intrinsics()[0].numpy(),
                   orbit_cameras(torch.zeros(1), torch.zeros(1))[0].numpy(),
-                  {"kind": "embedded", "name": head.name, "digest": uv_layout_digest(head)}, {"method": "template"})
+                  head_record(head), {"method": "template"})
 
 
 def compiled_poser(rig: AvatarRig) -> Callable[[HeadParams], Gaussians]:

@@ -10,37 +10,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .avatar.artifact import Avatar
 from .avatar.binding import AvatarRig, Gaussians
 from .core.camera import Camera, to_pixel_intrinsics, world_to_camera
-from .errors import InputError
-from .head.base import HeadModel, HeadParams
-from .uv.space import UVConfig, load_or_build_uv_space
+from .head.base import HeadParams
 
 log = logging.getLogger(__name__)
-
-
-def head_for_avatar(avatar: Avatar, device="cpu", avatar_name: str = "avatar") -> HeadModel:
-    """Load the head model the avatar was made with and check it is the same one (by digest)."""
-    from .head.registry import load_head_model
-    from .uv.space import uv_layout_digest
-
-    kind = avatar.head_model.get("kind", "embedded")
-    head = load_head_model(kind, device=device)
-    want = avatar.head_model.get("digest")
-    if want and uv_layout_digest(head) != want:
-        raise InputError(
-            f"avatar '{avatar_name}' was made with a different {kind} head model (digest {want}, "
-            f"found {uv_layout_digest(head)})",
-            "use the same head model files (FHAVATAR_FLAME) as when it was reconstructed, or reconstruct again",
-        )
-    return head
-
-
-def build_rig(avatar: Avatar, head: HeadModel, device="cpu") -> AvatarRig:
-    uv = load_or_build_uv_space(head, UVConfig(size=avatar.uv_size), device=device)
-    shape = torch.as_tensor(avatar.shape, dtype=torch.float32, device=device)
-    return AvatarRig(head, uv, avatar.maps_tensor(device), shape, avatar.delta_p_tensor(device))
 
 
 @dataclass

@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .animate import build_rig, head_for_avatar, render_sequence, write_frames
+from .animate import render_sequence, write_frames
+from .avatar.head import build_rig, head_for_avatar
 from .avatar.artifact import Avatar, load_avatar
 from .core.camera import Camera, orbit_cameras
 from .errors import InputError

@@ -11,7 +11,8 @@ import torch
 
 from .avatar.artifact import load_avatar
 from .core.camera import DEFAULT_RADIUS, Camera, fov_to_focal, normalized_intrinsics, orbit_cameras
-from .animate import build_rig, head_for_avatar, render_sequence, write_frames
+from .animate import render_sequence, write_frames
+from .avatar.head import build_rig, head_for_avatar
 
 
 @dataclass

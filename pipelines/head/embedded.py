@@ -52,6 +52,9 @@ import torch
 from scipy.interpolate import PchipInterpolator
 
 from .base import PARENTS, REGIONS, HeadModel
+from .geometry import affine_regressor as _affine_regressor
+from .geometry import smoothstep as _smoothstep
+from .geometry import vertex_normals as _vertex_normals
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 REFERENCE_FACE_PATH = ASSETS / "mediapipe_reference_face.npy"
@@ -121,11 +124,6 @@ class EmbeddedHeadConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # Small smooth helpers (numpy, float64)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
-    t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
 
 
 def _smin(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
@@ -735,14 +733,6 @@ def _pocket_blend(mesh: _Mesh, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _vertex_normals(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    n = np.zeros_like(verts)
-    fn = np.cross(verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]])
-    for k in range(3):
-        np.add.at(n, faces[:, k], fn)
-    return n / (np.linalg.norm(n, axis=1, keepdims=True) + 1e-12)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Rig: skinning weights and joint regressor.
 # ---------------------------------------------------------------------------------------------------------------
@@ -762,17 +752,6 @@ def _skinning_weights(mesh: _Mesh) -> np.ndarray:
         w[m] = 0.0
         w[m, joint] = 1.0
     return w
-
-
-def _affine_regressor(verts: np.ndarray, ids: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """(V,) weights on ``ids`` closest to uniform with sum 1 that reproduce ``target`` exactly on ``verts``."""
-    A = np.concatenate([verts[ids].T, np.ones((1, len(ids)))])  # (4, K)
-    w0 = np.full(len(ids), 1.0 / len(ids))
-    b = np.concatenate([target, [1.0]])
-    w = w0 + A.T @ np.linalg.solve(A @ A.T, b - A @ w0)
-    out = np.zeros(len(verts))
-    out[ids] = w
-    return out
 
 
 def _joint_regressor(mesh: _Mesh) -> np.ndarray:
@@ -1089,6 +1068,7 @@ class EmbeddedHeadModel(HeadModel):
     """
 
     name = "embedded"
+    kind = "embedded"
     shape_names = SHAPE_NAMES
     expression_names = EXPRESSION_NAMES
 

@@ -707,6 +707,8 @@ class FlameHeadModel(HeadModel):
     cavity fan (region 'mouth'). The landmark embedding is stored as buffers so ``.to(device)`` moves it.
     """
 
+    kind = "flame"
+
     def __init__(self, path: str | Path, config: FlameConfig | None = None) -> None:
         super().__init__()
         cfg = config or FlameConfig()

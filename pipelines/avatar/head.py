@@ -1,0 +1,44 @@
+"""The one home of the avatar <-> head-model binding.
+
+An avatar records which head model made it (``head_record``: the registry kind, the model's name and its UV-layout
+digest); ``head_for_avatar`` loads that head model again and refuses a different one; ``build_rig`` binds the avatar's
+Gaussians to it. Reconstruct writes the record, reenact / turntable / evaluate read it through these functions only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+from ..head.base import HeadModel
+from ..uv.space import UVConfig, load_or_build_uv_space, uv_layout_digest
+from .artifact import Avatar
+from .binding import AvatarRig
+
+
+def head_record(head: HeadModel) -> dict[str, str]:
+    """What an avatar stores about its head model: kind (registry name), name, digest (UV layout + template)."""
+    return {"kind": head.kind, "name": head.name, "digest": uv_layout_digest(head)}
+
+
+def head_for_avatar(avatar: Avatar, device="cpu", avatar_name: str = "avatar") -> HeadModel:
+    """Load the head model the avatar was made with and check it is the same one (by digest)."""
+    from ..head.registry import load_head_model
+
+    kind = avatar.head_model.get("kind", "embedded")
+    head = load_head_model(kind, device=device)
+    want = avatar.head_model.get("digest")
+    if want and uv_layout_digest(head) != want:
+        raise InputError(
+            f"avatar '{avatar_name}' was made with a different {kind} head model (digest {want}, "
+            f"found {uv_layout_digest(head)})",
+            "use the same head model files (FHAVATAR_FLAME) as when it was reconstructed, or reconstruct again",
+        )
+    return head
+
+
+def build_rig(avatar: Avatar, head: HeadModel, device="cpu") -> AvatarRig:
+    """The avatar's Gaussians bound to ``head`` (its UV space at the avatar's K, shape and shape offsets)."""
+    uv = load_or_build_uv_space(head, UVConfig(size=avatar.uv_size), device=device)
+    shape = torch.as_tensor(avatar.shape, dtype=torch.float32, device=device)
+    return AvatarRig(head, uv, avatar.maps_tensor(device), shape, avatar.delta_p_tensor(device))
