@@ -19,10 +19,6 @@ from .store import IMAGE_EXTS, VIDEO_EXTS, hash_file, item_id
 Progress = Callable[[int], None] | None
 
 
-def head_kind(head) -> str:
-    return "flame" if head.name.lower().startswith("flame") else "embedded"
-
-
 def make_track_hook(head, tracking_cfg=None, landmarks: str = "mediapipe", photometric=None):
     """The preprocess hook that fits the head model to the landmarks and writes ``tracking.npz``.
 
@@ -48,7 +44,8 @@ def make_track_hook(head, tracking_cfg=None, landmarks: str = "mediapipe", photo
                 raise InputError(f"the {landmarks} 68-point model found no face in any frame of '{stage_dir}'",
                                  "use --landmarks mediapipe (the default)")
             files.append(LANDMARKS68)
-        res = track(head, lmk, valid, K, c2w[0], image_size=size, config=tracking_cfg)
+        res = track(head, lmk, valid, K, c2w[0], image_size=size, config=tracking_cfg,
+                    embedding=head.landmark_embedding(landmarks))
         if photometric is not None:
             res = _refine_photometric(stage_dir, head, res, tracking_cfg, photometric)
             files.append(PHOTOMETRIC_REPORT)
@@ -99,7 +96,11 @@ def preprocess_item(input_path: Path, out: Path, head, pp_cfg=None, tracking_cfg
             progress(done - total["n"])
         total["n"] = done
 
-    track_settings = {"head": head.name, "tracking": asdict(tracking_cfg) if tracking_cfg is not None else "default"}
+    from .head.registry import head_model_id
+
+    # The head model's digest, so a changed model (a new asset, other components) re-tracks rather than reusing.
+    track_settings = {"head": head.name, "head_id": head_model_id(head),
+                      "tracking": asdict(tracking_cfg) if tracking_cfg is not None else "default"}
     # Recorded only when not the default, so manifests of earlier runs stay valid.
     if landmarks != "mediapipe":
         track_settings["landmarks"] = landmarks
@@ -157,12 +158,12 @@ def reconstruct_item(spec: Path, out: Path, head, cfg, device: str = "cpu", net_
         uv = load_or_build_uv_space(head, UVConfig(size=cfg.uv_size), device=device)
         source = load_source(pp, cfg.source_frame).to(device)
         net = net_loader(cfg) if (cfg.method == "network" and net_loader) else None
-        avatar = reconstruct(source, head, uv, cfg, head_kind(head), net)
+        avatar = reconstruct(source, head, uv, cfg, head.kind, net)
         avatar.meta.update({"input": str(spec), "weights_sha256": weights_hash})
         save_avatar(folder / "avatar.npz", avatar)
         files = ["avatar.npz"]
         if export_ply:
-            from .animate import build_rig
+            from .avatar.head import build_rig
             from .avatar.ply import write_ply
 
             rig = build_rig(avatar, head, device)

@@ -18,7 +18,7 @@ JOINT_NAMES = ("root", "neck", "jaw", "eye_left", "eye_right")
 PARENTS = (-1, 0, 1, 1, 1)
 
 # Region ids stored per face (``HeadModel.face_region``); UV masks are built from them.
-REGIONS = {"face": 0, "scalp": 1, "eyes": 2, "mouth": 3, "neck": 4, "ears": 5, "other": 6}
+REGIONS = {"face": 0, "scalp": 1, "eyes": 2, "mouth": 3, "neck": 4, "ears": 5, "other": 6, "teeth": 7}
 
 
 @dataclass
@@ -86,7 +86,11 @@ class HeadModel(nn.Module):
     """
 
     name: str = "head"
+    kind: str = "head"  # the registry's name for this model ("flame", "ict", "embedded"): what avatars record
     landmarks: LandmarkEmbedding | None = None
+    # Cap of each triangle's metres-per-UV ratio (the relative scale map s), as a multiple of the median: a layout
+    # with triangles squeezed in UV sets it so they do not get centimetre-sized Gaussians (see uv/space.py).
+    max_uv_ratio_over_median: float = float("inf")
 
     @property
     def n_shape(self) -> int:
@@ -125,6 +129,12 @@ class HeadModel(nn.Module):
         params = HeadParams.zeros(shape.shape[0], self.n_shape, self.n_expr, device=shape.device)
         params.shape = shape
         return self.forward(params)
+
+    def landmark_embedding(self, source: str = "mediapipe") -> LandmarkEmbedding | None:
+        """Surface points of the landmarks that ``source`` detects, indexed by MediaPipe index: "mediapipe" (478
+        points) or a 68-point source ("dlib", "fan": the iBUG points, placed at their MediaPipe indices). Models
+        without points of their own for the 68 use their MediaPipe embedding for both."""
+        return self.landmarks
 
     def landmarks_3d(self, verts: torch.Tensor) -> torch.Tensor:
         """(B, L, 3) landmark positions on posed vertices (B, V, 3)."""

@@ -24,7 +24,7 @@ from .base import HeadModel
 from .flame import FLAME_FIX, FlameConfig, FlameHeadModel
 
 ENV_VAR = "FHAVATAR_FLAME"
-KINDS = ("auto", "flame", "embedded")
+KINDS = ("auto", "flame", "ict", "embedded")
 PREFERRED_NAMES = ("generic_model.pkl", "flame2023.pkl", "flame2023_no_jaw.pkl", "flame2023_Open.pkl")
 _NOT_MODELS = ("flame_masks", "landmark", "embedding")
 
@@ -92,13 +92,18 @@ def load_head_model(
     """Build the head model.
 
     Args:
-        kind: 'auto' (FLAME if a file is found, else the embedded model), 'flame' or 'embedded'.
+        kind: 'auto' (FLAME if a file is found, else the embedded model), 'flame', 'ict' (ICT-FaceKit, shipped) or
+            'embedded'.
         flame_path: a FLAME pickle or a folder holding one; overrides the search of :func:`find_flame_file`.
         device: where the buffers go.
         flame_config: FLAME options (components, mouth closing, asset paths).
     """
     if kind not in KINDS:
         raise ConfigError(f"unknown head model kind '{kind}'", f"use one of {', '.join(KINDS)}")
+    if kind == "ict":
+        from .ict import IctHeadModel  # lazy: reads the shipped asset
+
+        return IctHeadModel().to(device)
     path = None
     if kind != "embedded":
         path = _resolve(flame_path, "FLAME path") if flame_path else find_flame_file()

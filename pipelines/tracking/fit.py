@@ -43,7 +43,7 @@ import torch
 
 from ..core.camera import world_to_camera
 from ..errors import InputError
-from ..head.base import HeadModel
+from ..head.base import HeadModel, LandmarkEmbedding
 from .config import TrackingConfig
 from .result import LOW_CONFIDENCE, TRACKED, TrackingResult
 from .rig import LandmarkRig
@@ -568,6 +568,7 @@ def track(
     config: TrackingConfig | None = None,
     shape_init: np.ndarray | torch.Tensor | None = None,
     progress: Progress | None = None,
+    embedding: LandmarkEmbedding | None = None,
 ) -> TrackingResult:
     """Track ``head`` on per-frame MediaPipe landmarks.
 
@@ -580,6 +581,8 @@ def track(
         config: tracker settings (defaults: ``TrackingConfig()``).
         shape_init: (S,) initial identity (kept as is when ``config.optimize_shape`` is False).
         progress: called as ``progress(stage, done, total)``.
+        embedding: the surface points of the observed landmarks (default: ``head.landmarks``; e.g.
+            ``head.landmark_embedding("dlib")`` for 68-point observations).
     Returns:
         TrackingResult with per-frame parameters for all T frames (untracked ones interpolated).
     """
@@ -596,7 +599,7 @@ def track(
     if c2w_t.shape != (4, 4):
         raise InputError(f"camera c2w has shape {tuple(c2w_t.shape)}, expected (4, 4)")
     with _threads(cfg.num_threads), torch.no_grad():
-        return _track(head, lmk2d, valid, K, c2w_t, int(image_size), cfg, shape_init, progress)
+        return _track(head, lmk2d, valid, K, c2w_t, int(image_size), cfg, shape_init, progress, embedding)
 
 
 def landmark_data(rig: LandmarkRig, lmk2d: np.ndarray, valid: np.ndarray, cfg: TrackingConfig, image_size: int):
@@ -614,10 +617,10 @@ def landmark_data(rig: LandmarkRig, lmk2d: np.ndarray, valid: np.ndarray, cfg: T
     return data, obs_px, present, group_w, tracked
 
 
-def _track(head, lmk2d, valid, K, c2w, image_size, cfg, shape_init, progress) -> TrackingResult:
+def _track(head, lmk2d, valid, K, c2w, image_size, cfg, shape_init, progress, embedding=None) -> TrackingResult:
     t_start = time.perf_counter()
     T = lmk2d.shape[0]
-    rig = LandmarkRig(head, n_available=lmk2d.shape[1])
+    rig = LandmarkRig(head, n_available=lmk2d.shape[1], embedding=embedding)
     problem = _Problem(rig, K, c2w, cfg)
     data_all, obs_px, present, group_w, tracked = landmark_data(rig, lmk2d, valid, cfg, image_size)
     ids = np.flatnonzero(tracked)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..head.base import REGIONS, HeadModel
 from .raster import barycentric, rasterize_uv, uv_to_pixel
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 @dataclass
@@ -45,8 +45,10 @@ def uv_layout_digest(head: HeadModel) -> str:
     return h.hexdigest()[:16]
 
 
-def _face_ratio(verts: np.ndarray, faces: np.ndarray, uv: np.ndarray, uv_faces: np.ndarray) -> np.ndarray:
-    """(F,) sqrt(3D area / UV area): metres per UV unit for each triangle."""
+def _face_ratio(verts: np.ndarray, faces: np.ndarray, uv: np.ndarray, uv_faces: np.ndarray,
+                max_over_median: float = np.inf) -> np.ndarray:
+    """(F,) sqrt(3D area / UV area): metres per UV unit for each triangle, capped at ``max_over_median`` times the
+    median."""
     a3 = 0.5 * np.linalg.norm(np.cross(verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]]), axis=-1)
     t = uv[uv_faces]
     e1, e2 = t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]
@@ -55,7 +57,7 @@ def _face_ratio(verts: np.ndarray, faces: np.ndarray, uv: np.ndarray, uv_faces: 
     # Degenerate UV triangles would explode the scale: fall back to the median ratio.
     bad = (a2 < 1e-12) | ~np.isfinite(ratio)
     ratio[bad] = np.median(ratio[~bad]) if (~bad).any() else 1.0
-    return ratio.astype(np.float32)
+    return np.minimum(ratio, max_over_median * np.median(ratio)).astype(np.float32)
 
 
 @dataclass
@@ -237,7 +239,9 @@ def build_uv_space(head: HeadModel, config: UVConfig = UVConfig(), canonical: to
         bary_list.append(w)
 
     verts = (canonical if canonical is not None else head.v_template).detach().cpu().numpy().reshape(-1, 3)
-    ratio = _face_ratio(verts.astype(np.float64), faces, uv, uvf)
+    # Triangles squeezed in UV (nostril and eyeball-pole triangles of a tile-based layout such as ICT's) would get
+    # centimetre-sized Gaussians: the head model may cap their metres-per-UV ratio at a multiple of the median.
+    ratio = _face_ratio(verts.astype(np.float64), faces, uv, uvf, head.max_uv_ratio_over_median)
     t = lambda a, dt=torch.float32: torch.as_tensor(np.ascontiguousarray(a), dtype=dt)  # noqa: E731
     return UVSpace(
         size=K,
