@@ -495,7 +495,7 @@ def run_chain(
     ui = State.ui
     try:
         items = _select(inputs, IMAGE_EXTS + VIDEO_EXTS, shard)
-        drivers = _select(driving, VIDEO_EXTS + (".npz",), None) if driving else []
+        drivers = _select(driving, VIDEO_EXTS + (".npz",), "0/1") if driving else []  # every task drives with all
         ensure_dir(out)
         dev = resolve_device(device)
         head = _load_head(head_model, dev)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import __version__
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -264,22 +264,119 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+SHARD_FIX = "pass --shard i/n explicitly"
+
+
 def shard_from_env(env: dict | None = None) -> tuple[int, int]:
-    """Shard of this task in a job array: SLURM, SGE, LSF, PBS Pro (count via FHAVATAR_SHARD_COUNT), else (0, 1)."""
+    """This task's shard (i, n) in a job array, from the scheduler's variables; (0, 1) outside a job array.
+
+    The array's task ids, whatever their first id, step and last id (SLURM ``--array=0-4:2``, LSF ``[2-4]``,
+    ``[1-9:2,20]``), map one-to-one and in order onto shards 0..n-1, so the tasks together take every input exactly
+    once. A task id that is not one of the array's, or an array whose ids the variables do not pin down, is a
+    ``ConfigError`` (exit 2, nothing run): a wrong split would silently drop inputs.
+
+    SLURM: ``SLURM_ARRAY_TASK_ID`` with ``_COUNT``/``_MIN``/``_MAX``/``_STEP`` (an irregular ``--array`` list is
+    refused). SGE: ``SGE_TASK_ID``/``_FIRST``/``_LAST``/``_STEPSIZE``. LSF: ``LSB_JOBINDEX`` with the index list of
+    ``LSB_JOBNAME`` (``name[2-4]``), checked against ``LSB_JOBINDEX_END``. PBS Pro: ``PBS_ARRAY_INDEX``
+    with ``FHAVATAR_SHARD_COUNT`` (and ``FHAVATAR_SHARD_FIRST``, default 0, ``FHAVATAR_SHARD_STEP``, default 1).
+    """
     e = os.environ if env is None else env
-    if "SLURM_ARRAY_TASK_ID" in e and "SLURM_ARRAY_TASK_COUNT" in e:
-        lo = int(e.get("SLURM_ARRAY_TASK_MIN", 0))
-        return int(e["SLURM_ARRAY_TASK_ID"]) - lo, int(e["SLURM_ARRAY_TASK_COUNT"])
-    if e.get("SGE_TASK_ID", "undefined") != "undefined" and "SGE_TASK_LAST" in e:
-        first = int(e.get("SGE_TASK_FIRST", 1))
-        step = int(e.get("SGE_TASK_STEPSIZE", 1))
-        n = (int(e["SGE_TASK_LAST"]) - first) // step + 1
-        return (int(e["SGE_TASK_ID"]) - first) // step, n
-    if "LSB_JOBINDEX" in e and "LSB_JOBINDEX_END" in e and int(e["LSB_JOBINDEX"]) > 0:
-        return int(e["LSB_JOBINDEX"]) - 1, int(e["LSB_JOBINDEX_END"])
-    if "PBS_ARRAY_INDEX" in e and "FHAVATAR_SHARD_COUNT" in e:
-        return int(e["PBS_ARRAY_INDEX"]) - int(e.get("FHAVATAR_SHARD_FIRST", 0)), int(e["FHAVATAR_SHARD_COUNT"])
+    if _env_set(e, "SLURM_ARRAY_TASK_ID"):
+        return _task_shard("SLURM", "SLURM_ARRAY_TASK_ID", _int_env(e, "SLURM_ARRAY_TASK_ID"), _slurm_ids(e))
+    if _env_set(e, "SGE_TASK_ID"):
+        if not _env_set(e, "SGE_TASK_LAST"):
+            raise ConfigError("SGE_TASK_ID is set but SGE_TASK_LAST is not: the job array's size is unknown", SHARD_FIX)
+        ids = _stepped("SGE", _int_env(e, "SGE_TASK_FIRST", 1), _int_env(e, "SGE_TASK_LAST"),
+                       _int_env(e, "SGE_TASK_STEPSIZE", 1))
+        return _task_shard("SGE", "SGE_TASK_ID", _int_env(e, "SGE_TASK_ID"), ids)
+    if _env_set(e, "LSB_JOBINDEX") and _int_env(e, "LSB_JOBINDEX") > 0:  # LSF sets 0 outside job arrays
+        return _task_shard("LSF", "LSB_JOBINDEX", _int_env(e, "LSB_JOBINDEX"), _lsf_ids(e))
+    if _env_set(e, "PBS_ARRAY_INDEX"):
+        if not _env_set(e, "FHAVATAR_SHARD_COUNT"):
+            raise ConfigError("PBS_ARRAY_INDEX is set but the job array's size is unknown to fhavatar",
+                              "export FHAVATAR_SHARD_COUNT (and FHAVATAR_SHARD_FIRST / _STEP) in the job script, or "
+                              + SHARD_FIX)
+        first, step = _int_env(e, "FHAVATAR_SHARD_FIRST", 0), _int_env(e, "FHAVATAR_SHARD_STEP", 1)
+        count = _int_env(e, "FHAVATAR_SHARD_COUNT")
+        ids = _stepped("PBS", first, first + (count - 1) * step, step)
+        return _task_shard("PBS", "PBS_ARRAY_INDEX", _int_env(e, "PBS_ARRAY_INDEX"), ids)
     return 0, 1
+
+
+def _env_set(e, name: str) -> bool:
+    return e.get(name, "").strip() not in ("", "undefined")  # SGE writes "undefined" outside job arrays
+
+
+def _int_env(e, name: str, default: int | None = None) -> int:
+    if not _env_set(e, name):
+        if default is None:
+            raise ConfigError(f"job array variable {name} is not set", SHARD_FIX)
+        return default
+    try:
+        return int(e[name])
+    except ValueError:
+        raise ConfigError(f"job array variable {name}='{e[name]}' is not an integer", SHARD_FIX) from None
+
+
+def _stepped(scheduler: str, first: int, last: int, step: int) -> range:
+    if step < 1 or last < first:
+        raise ConfigError(f"{scheduler} job array ids {first}-{last}:{step} are not a valid range", SHARD_FIX)
+    return range(first, last + 1, step)
+
+
+def _slurm_ids(e) -> range:
+    step = _int_env(e, "SLURM_ARRAY_TASK_STEP", 1)
+    count = _int_env(e, "SLURM_ARRAY_TASK_COUNT", 0) or None
+    lo = _int_env(e, "SLURM_ARRAY_TASK_MIN", -1)
+    hi = _int_env(e, "SLURM_ARRAY_TASK_MAX", -1)
+    if count is None and (lo < 0 or hi < 0):
+        raise ConfigError("SLURM_ARRAY_TASK_ID is set without SLURM_ARRAY_TASK_COUNT or _MIN/_MAX: the job array's "
+                          "ids are unknown", SHARD_FIX)
+    if lo < 0:
+        lo = hi - (count - 1) * step if hi >= 0 else 0
+    if hi < 0:
+        hi = lo + (count - 1) * step
+    ids = _stepped("SLURM", lo, hi, step)
+    if count is not None and len(ids) != count:
+        raise ConfigError(f"SLURM job array ids {_describe_ids(ids)} make {len(ids)} tasks but "
+                          f"SLURM_ARRAY_TASK_COUNT is {count} (an irregular --array list?)",
+                          "give --array an evenly stepped range (e.g. 0-15 or 1-31:2), or " + SHARD_FIX)
+    return ids
+
+
+def _lsf_ids(e) -> list[int]:
+    """The job array's indices from ``LSB_JOBNAME`` (``name[1-10:2,15]%4``), checked against LSB_JOBINDEX_END."""
+    name = e.get("LSB_JOBNAME", "")
+    m = re.search(r"\[([0-9,:\-\s]+)\](%\d+)?\s*$", name)
+    if not m:
+        raise ConfigError(f"LSF job array: LSB_JOBNAME '{name}' holds no index list such as [1-16], so the array's "
+                          "first index is unknown", SHARD_FIX)
+    ids: set[int] = set()
+    for part in m.group(1).replace(" ", "").split(","):
+        r = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part)
+        if not r:
+            raise ConfigError(f"LSF job array index list '[{m.group(1)}]' of LSB_JOBNAME is not understood", SHARD_FIX)
+        first = int(r.group(1))
+        ids.update(_stepped("LSF", first, int(r.group(2) or first), int(r.group(3) or 1)))
+    ordered = sorted(ids)
+    end = _int_env(e, "LSB_JOBINDEX_END", ordered[-1])
+    if end != ordered[-1]:
+        raise ConfigError(f"LSF job array: LSB_JOBINDEX_END={end} but LSB_JOBNAME's index list ends at {ordered[-1]}",
+                          SHARD_FIX)
+    return ordered
+
+
+def _describe_ids(ids) -> str:
+    if isinstance(ids, range):
+        return f"{ids.start}-{ids[-1]}" + (f":{ids.step}" if ids.step != 1 else "")
+    return ",".join(map(str, ids)) if len(ids) <= 8 else f"{ids[0]},{ids[1]},...,{ids[-1]} ({len(ids)} ids)"
+
+
+def _task_shard(scheduler: str, var: str, task_id: int, ids) -> tuple[int, int]:
+    if task_id not in ids:
+        raise ConfigError(f"{scheduler} job array task id {var}={task_id} is not one of the array's ids "
+                          f"({_describe_ids(ids)})", "check the array's variables, or " + SHARD_FIX)
+    return ids.index(task_id), len(ids)
 
 
 def select_shard(items: list, index: int, count: int) -> list:

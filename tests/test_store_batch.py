@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.batch import EXIT_INTERRUPTED, EXIT_ITEM_FAILED, EXIT_OK, exit_code, run_batch, run_stage
-from pipelines.errors import InputError
+from pipelines.errors import ConfigError, InputError
 from pipelines.store import (
     Manifest, atomic_path, expand_inputs, item_id, item_lock, parse_shard, select_shard, shard_from_env,
 )
@@ -62,8 +62,68 @@ def test_shards_cover_every_item_exactly_once():
             parse_shard(bad)
     assert shard_from_env({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_MIN": "0"}) == (7, 8)
     assert shard_from_env({"SGE_TASK_ID": "3", "SGE_TASK_FIRST": "1", "SGE_TASK_LAST": "4"}) == (2, 4)
-    assert shard_from_env({"LSB_JOBINDEX": "1", "LSB_JOBINDEX_END": "5"}) == (0, 5)
+    assert shard_from_env({"LSB_JOBINDEX": "1", "LSB_JOBINDEX_END": "5", "LSB_JOBNAME": "fh[1-5]"}) == (0, 5)
     assert shard_from_env({}) == (0, 1)
+    assert shard_from_env({"LSB_JOBINDEX": "0", "SGE_TASK_ID": "undefined"}) == (0, 1)  # not job arrays
+
+
+def _array_envs(scheduler: str, ids: range | list[int], spec: str) -> list[dict]:
+    """The job-array variables each task of an array with these ``ids`` (written ``spec``) sees."""
+    lo, hi, n = min(ids), max(ids), len(ids)
+    step = ids.step if isinstance(ids, range) else 1
+    if scheduler == "slurm":
+        base = {"SLURM_ARRAY_TASK_COUNT": n, "SLURM_ARRAY_TASK_MIN": lo, "SLURM_ARRAY_TASK_MAX": hi,
+                "SLURM_ARRAY_TASK_STEP": step}
+        return [{**base, "SLURM_ARRAY_TASK_ID": t} for t in ids]
+    if scheduler == "lsf":  # LSF passes the array's index list in the job name
+        base = {"LSB_JOBINDEX_END": hi, "LSB_JOBINDEX_STEP": step, "LSB_JOBNAME": f"fhavatar[{spec}]"}
+        return [{**base, "LSB_JOBINDEX": t} for t in ids]
+    if scheduler == "sge":
+        base = {"SGE_TASK_FIRST": lo, "SGE_TASK_LAST": hi, "SGE_TASK_STEPSIZE": step}
+        return [{**base, "SGE_TASK_ID": t} for t in ids]
+    base = {"FHAVATAR_SHARD_COUNT": n, "FHAVATAR_SHARD_FIRST": lo, "FHAVATAR_SHARD_STEP": step}  # PBS Pro
+    return [{**base, "PBS_ARRAY_INDEX": t} for t in ids]
+
+
+@pytest.mark.parametrize("scheduler,ids,spec", [
+    ("slurm", range(0, 5, 2), "0-4:2"),  # the issue: 5 of 6 photos processed
+    ("slurm", range(1, 17), "1-16"),
+    ("slurm", range(5, 8), "5-7"),
+    ("lsf", range(2, 5), "2-4"),  # the issue: 4 of 6 photos processed
+    ("lsf", range(1, 10, 2), "1-9:2"),
+    ("lsf", [1, 2, 3, 7, 10, 12], "1-3,7,10-12:2"),
+    ("sge", range(1, 11, 3), "1-10:3"),
+    ("pbs", range(1, 8, 2), "1-7:2"),
+])
+def test_job_array_tasks_take_every_item_exactly_once(scheduler, ids, spec):
+    for n_items in (6, 23):
+        items = list(range(n_items))
+        taken = [select_shard(items, *shard_from_env({k: str(v) for k, v in env.items()}))
+                 for env in _array_envs(scheduler, ids, spec)]
+        assert sorted(sum(taken, [])) == items, f"{scheduler} [{spec}] over {n_items} items: {taken}"
+
+
+@pytest.mark.parametrize("env,says", [
+    ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "0"}, "task id"),
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "0",
+      "SLURM_ARRAY_TASK_MAX": "4", "SLURM_ARRAY_TASK_STEP": "2"}, "not one of the array's ids (0-4:2)"),
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1",  # --array=1,3,7
+      "SLURM_ARRAY_TASK_MAX": "7", "SLURM_ARRAY_TASK_STEP": "1"}, "irregular"),
+    ({"LSB_JOBINDEX": "5", "LSB_JOBINDEX_END": "4", "LSB_JOBNAME": "fh[2-4]"}, "LSB_JOBINDEX=5"),
+    ({"LSB_JOBINDEX": "5", "LSB_JOBINDEX_END": "10", "LSB_JOBNAME": "fh[2-4,6-10:2]"}, "(2,3,4,6,8,10)"),
+    ({"LSB_JOBINDEX": "3", "LSB_JOBINDEX_END": "6", "LSB_JOBNAME": "fh[2-4]"}, "LSB_JOBINDEX_END=6"),
+    ({"LSB_JOBINDEX": "5", "LSB_JOBINDEX_END": "4", "LSB_JOBNAME": "fh"}, "LSB_JOBNAME"),
+    ({"SGE_TASK_ID": "12", "SGE_TASK_FIRST": "1", "SGE_TASK_LAST": "10", "SGE_TASK_STEPSIZE": "1"}, "SGE_TASK_ID=12"),
+    ({"PBS_ARRAY_INDEX": "3"}, "FHAVATAR_SHARD_COUNT"),
+    ({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "3"}, "not an integer"),
+])
+def test_job_array_ids_outside_the_array_are_errors(env, says):
+    """A task id the array does not have (or variables that do not pin the ids down) must stop the job with exit 2,
+    never run an empty or wrong shard."""
+    with pytest.raises(ConfigError) as e:
+        shard_from_env(env)
+    assert says in str(e.value) and "--shard" in str(e.value)
+    assert e.value.exit_code == 2
 
 
 def _work(text):

@@ -1,0 +1,99 @@
+"""Cluster reliability through the real CLI (subprocesses, CPU): job-array shards, per-item locks, `status`,
+stale temporary files, file modes, exit codes (issue 15)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+
+from pipelines.store import Manifest, item_id, item_lock
+from test_cluster import CLI, ENV, lines_json, portrait, run_cli
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def bogus(tmp_path_factory) -> list[Path]:
+    """Six inputs that fail at once (not images): which task takes which is all these tests need."""
+    d = tmp_path_factory.mktemp("bogus")
+    for i in range(6):
+        (d / f"b{i}.jpg").write_text(f"not an image {i}")
+    return sorted(d.iterdir())
+
+
+def _taken(env: dict, inputs: list[Path], out: Path) -> tuple[int, list[str], str]:
+    """(exit code, names of the inputs the task took, its errors) of one job-array task."""
+    p = subprocess.run([*CLI, "--log-json", "preprocess", *map(str, inputs), "--out", str(out), "--head-model",
+                        "embedded"], capture_output=True, text=True, env={**ENV, **env}, timeout=300)
+    events = lines_json(p.stdout)
+    errors = " ".join(e["message"] for e in events if e["event"] == "error")
+    return p.returncode, [Path(e["name"]).name for e in events if e["event"] == "item"], errors or p.stderr
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "lsf"])
+def test_job_array_tasks_cover_every_input_once(bogus, tmp_path, scheduler):
+    """SLURM --array=0-4:2 used to process 5 of 6 inputs and LSF [2-4] 4 of 6; each exited 0."""
+    if scheduler == "slurm":
+        base = {"SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "4",
+                "SLURM_ARRAY_TASK_STEP": "2"}
+        envs = [{**base, "SLURM_ARRAY_TASK_ID": t} for t in ("0", "2", "4")]
+    else:
+        base = {"LSB_JOBINDEX_END": "4", "LSB_JOBINDEX_STEP": "1", "LSB_JOBNAME": "fhavatar[2-4]"}
+        envs = [{**base, "LSB_JOBINDEX": t} for t in ("2", "3", "4")]
+    seen = []
+    for env in envs:
+        code, names, err = _taken(env, bogus, tmp_path / "out")
+        assert code == 1, err[-2000:]  # its items failed (not images), one line each
+        seen += names
+    assert sorted(seen) == [p.name for p in bogus]  # every input once: none dropped, none twice
+
+
+@pytest.mark.parametrize("env,var", [
+    ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "0"}, "SLURM_ARRAY_TASK_ID=7"),
+    ({"LSB_JOBINDEX": "5", "LSB_JOBINDEX_END": "4", "LSB_JOBNAME": "fhavatar[2-4]"}, "LSB_JOBINDEX=5"),
+])
+def test_a_task_id_outside_the_array_is_a_usage_error(bogus, tmp_path, env, var):
+    """SLURM_ARRAY_TASK_ID=7 with 3 tasks used to run '0 item(s)' and exit 0."""
+    code, names, err = _taken(env, bogus, tmp_path / "out")
+    assert code == 2 and names == []
+    assert var in err and "--shard" in err and "\n" not in err
+
+
+def test_run_in_a_job_array_drives_each_avatar_with_every_driving_input(tmp_path, monkeypatch):
+    """`fhavatar run` sharded its --driving inputs by the job array too: task i drove its avatars with 1/n of them."""
+    import pipelines.stages as stages
+    from typer.testing import CliRunner
+
+    import fhavatar_cli.main as cli
+
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(cli, "_load_head", lambda *a: None)
+    monkeypatch.setattr(stages, "reconstruct_item", lambda spec, *a, **k: ("done", {"avatar": str(spec)}))
+    monkeypatch.setattr(stages, "reenact_item", lambda avatar, drv, *a, **k: calls.append((avatar.name, drv.name)))
+    for name in ("p0.jpg", "p1.jpg", "d0.npz", "d1.npz", "d2.npz"):
+        (tmp_path / name).write_bytes(name.encode())
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        r = CliRunner().invoke(cli.app, ["run", str(tmp_path / "p0.jpg"), str(tmp_path / "p1.jpg"), "--out",
+                                         str(tmp_path / "out"), "--method", "template", "--turntable-frames", "0",
+                                         "--device", "cpu", *sum((["-d", str(tmp_path / f"d{i}.npz")]
+                                                                  for i in range(3)), [])],
+                               env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2",
+                                    "SLURM_ARRAY_TASK_MIN": "0"})
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert r.exit_code == 0, r.output
+    assert calls == [("p1.jpg", "d0.npz"), ("p1.jpg", "d1.npz"), ("p1.jpg", "d2.npz")]
