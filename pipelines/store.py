@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,6 +80,20 @@ def ensure_dir(folder: str | Path) -> Path:
     return folder
 
 
+def _new_temp_file(path: Path, sfx: str) -> Path:
+    """Create an empty, unique temporary file next to ``path``; its mode is 0666 minus the umask, like any new file
+    (mkstemp's fixed 0600 made every artifact private, which breaks group-shared cluster folders)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp{sfx}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(errno.EEXIST, f"no free temporary name next to '{path}'")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path`` (atomic on POSIX).
@@ -91,14 +105,12 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     ensure_dir(path.parent)
     sfx = suffix if suffix is not None else path.suffix
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{sfx}", dir=path.parent)
+        tmp_path = _new_temp_file(path, sfx)
     except OSError as e:
         if e.errno in _WRITE_ERRNOS:
             raise InputError(f"cannot write into '{path.parent}': {e.strerror.lower()}",
                              "choose a writable --out folder") from e
         raise
-    os.close(fd)
-    tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)

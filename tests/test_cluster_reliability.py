@@ -71,6 +71,37 @@ def test_a_task_id_outside_the_array_is_a_usage_error(bogus, tmp_path, env, var)
     assert var in err and "--shard" in err and "\n" not in err
 
 
+def _item_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("photo") / "face.jpg"
+    iio.imwrite(p, portrait(0), quality=92)
+    return p
+
+
+@pytest.fixture(scope="module")
+def preprocessed(photo, tmp_path_factory) -> Path:
+    """One photo preprocessed by the CLI under umask 002 (a group-shared cluster folder)."""
+    out = tmp_path_factory.mktemp("shared") / "out"
+    p = subprocess.run([*CLI, "preprocess", str(photo), "--out", str(out), "--head-model", "embedded"],
+                       capture_output=True, text=True, env=ENV, timeout=600, umask=0o002)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def test_artifacts_respect_the_umask(preprocessed):
+    """The temporary-file helper created every artifact 0600, whatever the umask."""
+    files = _item_files(preprocessed)
+    assert len(files) >= 7  # frames, mattes, npz files, progress, manifest (and the lock)
+    modes = {str(p.relative_to(preprocessed)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert set(modes.values()) == {"0o664"}, modes
+    dirs = {oct(stat.S_IMODE(p.stat().st_mode)) for p in preprocessed.rglob("*") if p.is_dir()}
+    assert dirs == {"0o775"}
+
+
 def test_run_in_a_job_array_drives_each_avatar_with_every_driving_input(tmp_path, monkeypatch):
     """`fhavatar run` sharded its --driving inputs by the job array too: task i drove its avatars with 1/n of them."""
     import pipelines.stages as stages

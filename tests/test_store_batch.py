@@ -1,6 +1,8 @@
 """Artifact store and batch runner: atomic writes, skip/redo logic, corruption detection, shards, isolation."""
 
+import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -13,6 +15,7 @@ from pipelines.batch import EXIT_INTERRUPTED, EXIT_ITEM_FAILED, EXIT_OK, exit_co
 from pipelines.errors import ConfigError, InputError
 from pipelines.store import (
     Manifest, atomic_path, expand_inputs, item_id, item_lock, parse_shard, select_shard, shard_from_env,
+    write_json,
 )
 
 
@@ -240,3 +243,14 @@ def test_sigterm_stops_after_the_current_item(tmp_path):
     assert out.split() == ["done", "done", "done", "pending", "pending", "pending"]
     assert (tmp_path / "out" / "item2" / "stage" / "r.txt").read_text() == "2"
     assert not (tmp_path / "out" / "item3").exists()
+
+
+def test_atomic_path_files_get_the_umask_s_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        with atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"b")
+    finally:
+        os.umask(old)
+    assert {oct(stat.S_IMODE((tmp_path / n).stat().st_mode)) for n in ("a.json", "b.bin")} == {"0o640"}
