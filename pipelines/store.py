@@ -3,7 +3,7 @@
 Layout (one folder per input item)::
 
     <out>/<item-id>/
-        .lock                      per-item lock (fcntl) so two jobs never write the same item
+        .lock                      per-item lock (flock) so two jobs never write the same item; names its holder
         preprocess/                frames/, mattes/, tracking.npz, manifest.json
         avatar/                    avatar.npz, manifest.json
         reenact/<driving-id>/      video.mp4, manifest.json
@@ -29,6 +29,8 @@ import json
 import os
 import re
 import secrets
+import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,6 +67,9 @@ def item_id(path: str | Path, digest: str | None = None) -> str:
 
 # ------------------------------------------------------------------------------------------------------ atomic writes
 _WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC)
+# ``atomic_path``'s temporary files: ".<final name>.<8 random characters>.tmp[<suffix>]" (earlier versions used
+# tempfile.mkstemp with the same prefix and suffix, whose random part is 8 characters of [a-z0-9_]).
+TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^./]+)?$")
 
 
 def ensure_dir(folder: str | Path) -> Path:
@@ -99,7 +104,8 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path`` (atomic on POSIX).
 
     On error the temporary file is removed, so a killed or failed writer never leaves a half-written artifact under
-    the final name. ``suffix`` keeps the extension for writers that look at it (e.g. ``.mp4`` for ffmpeg).
+    the final name (a SIGKILL can leave the temporary file itself: ``remove_stale_temps`` clears it when the stage is
+    next taken). ``suffix`` keeps the extension for writers that look at it (e.g. ``.mp4`` for ffmpeg).
     """
     path = Path(path)
     ensure_dir(path.parent)
@@ -117,6 +123,32 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_stale_temps(stage_dir: str | Path, lock_dir: str | Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``stage_dir`` and its direct sub-folders.
+
+    Only call it holding the lock of ``lock_dir`` that guards ``stage_dir``: then nobody else can be writing them.
+    A folder holding a ``.lock`` other than ``lock_dir``'s belongs to another lock's scope and is left alone.
+    Returns the removed files.
+    """
+    stage_dir, lock_dir = Path(stage_dir), Path(lock_dir)
+    if not stage_dir.is_dir():
+        return []
+
+    def foreign_lock(folder: Path) -> bool:
+        return (folder / LOCK_FILE).exists() and folder.resolve() != lock_dir.resolve()
+
+    if foreign_lock(stage_dir):
+        return []
+    folders = [stage_dir] + sorted(p for p in stage_dir.iterdir() if p.is_dir() and not foreign_lock(p))
+    removed = []
+    for folder in folders:
+        for p in folder.iterdir():
+            if TEMP_RE.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -198,25 +230,163 @@ def is_up_to_date(folder: Path, settings: dict, inputs: dict) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------- item lock
+LOCK_FILE = ".lock"
+LOCK_TRIES, LOCK_RETRY_S = 3, 0.01  # ride out a `fhavatar status` probe holding the lock for a few microseconds
+_JOB_ENV = ("SLURM_JOB_ID", "LSB_JOBID", "JOB_ID", "PBS_JOBID")  # SLURM, LSF, SGE, PBS
+
+
+@dataclass
+class LockHolder:
+    """Who holds an item lock, as its holder recorded it in the lock file (fields None when unknown)."""
+
+    pid: int | None = None
+    host: str | None = None
+    stage: str | None = None  # the stage folder's name it is working on
+    since: float | None = None
+    job: str | None = None  # the scheduler's job id
+
+    def describe(self) -> str:
+        if self.pid is None:
+            return "another job"
+        return f"pid {self.pid} on {self.host}" + (f" (job {self.job})" if self.job else "")
+
+
 class ItemLocked(Exception):
-    """Another process holds this item's lock."""
+    """Another process (or thread) holds this item's lock."""
+
+    def __init__(self, item_dir: str | Path, holder: LockHolder | None = None) -> None:
+        self.item_dir = Path(item_dir)
+        self.holder = holder or LockHolder()
+        super().__init__(f"'{item_dir}' is locked by {self.holder.describe()}")
+
+
+_held = threading.local()  # per thread: lock file -> [fd, stack of LockHolder] (a thread may re-enter its own lock)
+
+
+def _this_holder(stage: str | None) -> LockHolder:
+    job = next((os.environ[k] for k in _JOB_ENV if os.environ.get(k)), None)
+    return LockHolder(os.getpid(), socket.gethostname(), stage, round(time.time(), 3), job)
+
+
+def _write_holder(fd: int, holder: LockHolder | None) -> None:
+    try:
+        os.ftruncate(fd, 0)
+        if holder is not None:
+            os.pwrite(fd, json.dumps(asdict(holder)).encode(), 0)
+    except OSError:  # a lock file we may only read (another user's): the lock itself still works
+        pass
+
+
+def _read_holder(fd: int) -> LockHolder:
+    try:
+        d = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return LockHolder(**{k: d.get(k) for k in LockHolder.__dataclass_fields__})
+    except (OSError, ValueError, TypeError):  # empty, half-written or foreign content
+        return LockHolder()
+
+
+def _open_lock_file(path: Path) -> int:
+    try:  # 0666 minus the umask: other members of a group-shared folder must be able to take the lock too
+        return os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)  # flock works on a read-only descriptor
 
 
 @contextlib.contextmanager
-def item_lock(item_dir: Path) -> Iterator[None]:
-    """Exclusive, non-blocking per-item lock (released automatically if the process dies)."""
+def item_lock(item_dir: str | Path, stage: str | None = None) -> Iterator[None]:
+    """Exclusive, non-blocking lock of an item folder (``<item_dir>/.lock``), released automatically if the process
+    dies. Raises ``ItemLocked`` (naming the holder) when another process or thread holds it.
+
+    The holder writes its pid, host, job id and ``stage`` into the lock file, so that ``fhavatar status`` can say
+    who is working on what; a killed holder's lock is free again, which is how status tells a dead job from a
+    live one. The same thread may take a lock it already holds (nested stages of one item).
+    """
     ensure_dir(item_dir)
-    fd = os.open(item_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
+    path = Path(item_dir) / LOCK_FILE
+    key = str(path.resolve())
+    held = getattr(_held, "locks", None)
+    if held is None:
+        held = _held.locks = {}
+    if key in held:  # re-entered by the thread holding it
+        fd, stack = held[key]
+        stack.append(_this_holder(stage or stack[-1].stage))
+        _write_holder(fd, stack[-1])
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise ItemLocked(str(item_dir)) from e
-            raise
-        yield
+            yield
+        finally:
+            stack.pop()
+            _write_holder(fd, stack[-1])
+        return
+    fd = _open_lock_file(path)
+    try:
+        for attempt in range(LOCK_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if attempt == LOCK_TRIES - 1:
+                    raise ItemLocked(item_dir, _read_holder(fd)) from e
+                time.sleep(LOCK_RETRY_S)
+        held[key] = (fd, [_this_holder(stage)])
+        _write_holder(fd, held[key][1][0])
+        try:
+            yield
+        finally:
+            del held[key]
+            _write_holder(fd, None)  # free again: a stale name must not look like a holder
     finally:
         os.close(fd)
+
+
+def lock_holder(item_dir: str | Path) -> LockHolder | None:
+    """The live holder of ``<item_dir>/.lock``, or None when nobody holds it (a SIGKILLed holder's lock is free).
+
+    Probes the lock with a shared, non-blocking flock released at once. Where the file system has no flock the
+    recorded pid decides on this host; another host's holder is then assumed alive.
+    """
+    try:
+        fd = os.open(Path(item_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        holder = _read_holder(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return holder
+            if holder.pid is None:
+                return None
+            if holder.host == socket.gethostname():
+                return holder if _pid_alive(holder.pid) else None
+            return holder
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def take_stage(stage_dir: str | Path, lock_dir: str | Path | None = None) -> Iterator[None]:
+    """Take one stage of an item for this job: lock ``lock_dir`` (default: the stage folder's parent, the item
+    folder) naming the stage, then remove the temporary files a killed earlier holder left in the stage folder."""
+    stage_dir = Path(stage_dir)
+    lock_dir = Path(lock_dir) if lock_dir is not None else stage_dir.parent
+    with item_lock(lock_dir, stage=stage_dir.name):
+        remove_stale_temps(stage_dir, lock_dir)
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------- batch inputs

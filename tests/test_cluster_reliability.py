@@ -102,6 +102,43 @@ def test_artifacts_respect_the_umask(preprocessed):
     assert dirs == {"0o775"}
 
 
+def test_stale_temp_files_are_removed_when_the_item_is_next_taken(preprocessed, photo, tmp_path):
+    """A SIGKILL during a write leaves '.<name>.<random>.tmp<ext>' files that re-runs never removed."""
+    out = tmp_path / "out"
+    shutil.copytree(preprocessed, out)
+    stage = next(out.glob("*/preprocess"))
+    frame = (stage / "frames" / "000000.png").read_bytes()
+    stale = [stage / "frames" / ".000000.png.k3j4h5g6.tmp.png",  # mkstemp-style names of earlier versions too
+             stage / "mattes" / ".000000.png.0a1b2c3d.tmp.png",
+             stage / ".landmarks.npz.abc_1234.tmp.npz", stage / ".manifest.json.9f8e7d6c.tmp.json"]
+    for p in stale:
+        p.write_bytes(b"half-written" * 1000)
+    keep = stage / "frames" / "notes.tmp.txt"  # not one of ours
+    keep.write_text("keep me")
+    (stage / "manifest.json").unlink()  # as a killed run leaves it: preprocess writes its manifest last
+    p = run_cli("--log-json", "preprocess", photo, "--out", out, "--head-model", "embedded", check=0)
+    assert [e["status"] for e in lines_json(p.stdout) if e["event"] == "item"] == ["done"]
+    assert [s for s in stale if s.exists()] == [] and keep.read_text() == "keep me"
+    assert (stage / "frames" / "000000.png").read_bytes() == frame
+
+
+def test_preprocess_takes_the_item_lock_and_leaves_a_locked_item_to_its_holder(photo, tmp_path):
+    """preprocess took no lock (two jobs both did all the work); a job whose only 'failure' was a locked item
+    exited 1. Now: the locked item is left to the job holding it, with its own outcome and exit code 75."""
+    out = tmp_path / "out"
+    item = out / item_id(photo)
+    with item_lock(item):  # another job working on it
+        p = run_cli("--log-json", "preprocess", photo, "--out", out, "--head-model", "embedded")
+    assert p.returncode == 75, p.stderr[-2000:]
+    events = lines_json(p.stdout)
+    (ev,) = [e for e in events if e["event"] == "item"]
+    assert ev["status"] == "locked" and f"pid {os.getpid()} on {socket.gethostname()}" in ev["error"]
+    assert [e for e in events if e["event"] == "summary"][0]["locked"] == 1
+    assert not (item / "preprocess").exists()  # it did none of the work
+    p = run_cli("preprocess", photo, "--out", out, "--head-model", "embedded")  # people see it as a notice, not error
+    assert p.returncode == 0 and "locked" not in p.stderr
+
+
 def test_run_in_a_job_array_drives_each_avatar_with_every_driving_input(tmp_path, monkeypatch):
     """`fhavatar run` sharded its --driving inputs by the job array too: task i drove its avatars with 1/n of them."""
     import pipelines.stages as stages

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.batch import EXIT_INTERRUPTED, EXIT_ITEM_FAILED, EXIT_OK, exit_code, run_batch, run_stage
+from pipelines.batch import (
+    EXIT_INTERRUPTED, EXIT_ITEM_FAILED, EXIT_LOCKED, EXIT_OK, ItemResult, exit_code, run_batch, run_stage,
+)
 from pipelines.errors import ConfigError, InputError
 from pipelines.store import (
-    Manifest, atomic_path, expand_inputs, item_id, item_lock, parse_shard, select_shard, shard_from_env,
-    write_json,
+    ItemLocked, Manifest, atomic_path, expand_inputs, item_id, item_lock, lock_holder, parse_shard, select_shard,
+    shard_from_env, write_json,
 )
 
 
@@ -243,6 +245,86 @@ def test_sigterm_stops_after_the_current_item(tmp_path):
     assert out.split() == ["done", "done", "done", "pending", "pending", "pending"]
     assert (tmp_path / "out" / "item2" / "stage" / "r.txt").read_text() == "2"
     assert not (tmp_path / "out" / "item3").exists()
+
+
+def test_run_stage_removes_stale_temps_in_its_own_lock_scope_only(tmp_path):
+    """A SIGKILL during a write leaves the writer's temporary file; the next job taking the stage removes it."""
+    stage = tmp_path / "item" / "avatar"
+    (stage / "frames").mkdir(parents=True)
+    (stage / "other").mkdir()
+    (stage / "other" / ".lock").touch()  # another lock's scope: its writer may be alive
+    stale = [stage / ".avatar.npz.0a1b2c3d.tmp.npz", stage / "frames" / ".000001.png.k_3j4h5g.tmp.png"]
+    kept = [stage / "other" / ".x.png.0a1b2c3d.tmp.png", stage / "notes.tmp", stage / ".hidden"]
+    for p in stale + kept:
+        p.write_text("x")
+    assert run_stage(stage, {}, {}, _work("result"))[0] == "done"
+    assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
+
+
+def test_finished_stage_is_skipped_without_its_lock_and_unfinished_one_is_left_to_the_holder(tmp_path):
+    stage = tmp_path / "item" / "avatar"
+    assert run_stage(stage, {"k": 1}, {}, _work("a"))[0] == "done"
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+        from pathlib import Path
+        from pipelines.store import item_lock
+        with item_lock(Path({str(stage.parent)!r}), stage="turntable"):
+            print("held", flush=True)
+            time.sleep(60)
+    """)
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        holder = lock_holder(stage.parent)
+        assert (holder.pid, holder.stage) == (other.pid, "turntable")
+        assert run_stage(stage, {"k": 1}, {}, _work("a"))[0] == "skipped"  # another job holds the item: no matter
+        with pytest.raises(ItemLocked) as e:
+            run_stage(stage, {"k": 2}, {}, _work("b"))
+        assert f"pid {other.pid}" in str(e.value)
+        r = run_batch([("in", "id", lambda: run_stage(stage, {"k": 2}, {}, _work("b")))])
+        assert r[0].status == "locked" and f"left to pid {other.pid}" in r[0].error
+        assert exit_code(r) == EXIT_LOCKED
+    finally:
+        other.kill()
+        other.wait()
+    assert lock_holder(stage.parent) is None  # a killed holder's lock is free: it is not "running" any more
+    assert run_stage(stage, {"k": 2}, {}, _work("b"))[0] == "done"
+
+
+def test_item_lock_is_reentrant_in_its_thread_and_names_its_holder(tmp_path):
+    import threading
+
+    item = tmp_path / "item"
+    with item_lock(item, stage="preprocess"):
+        assert lock_holder(item).stage == "preprocess" and lock_holder(item).pid == os.getpid()
+        with item_lock(item, stage="avatar"):  # the same thread, a nested stage
+            assert lock_holder(item).stage == "avatar"
+        assert lock_holder(item).stage == "preprocess"
+        seen = []
+
+        def other_thread():
+            try:
+                with item_lock(item):
+                    seen.append("acquired")
+            except ItemLocked:
+                seen.append("locked")
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+        assert seen == ["locked"]
+    assert lock_holder(item) is None
+
+
+def test_exit_codes_put_failures_before_locked_items():
+    def r(*statuses):
+        return [ItemResult(s, s, s) for s in statuses]
+
+    assert exit_code(r("done", "locked", "skipped")) == EXIT_LOCKED == 75
+    assert exit_code(r("locked", "failed")) == EXIT_ITEM_FAILED
+    assert exit_code(r("locked", "pending")) == EXIT_INTERRUPTED
+    assert exit_code(r("done", "skipped")) == EXIT_OK
 
 
 def test_atomic_path_files_get_the_umask_s_mode(tmp_path):
