@@ -139,6 +139,68 @@ def test_preprocess_takes_the_item_lock_and_leaves_a_locked_item_to_its_holder(p
     assert p.returncode == 0 and "locked" not in p.stderr
 
 
+def _hold(lock_dir: Path, stage: str) -> subprocess.Popen:
+    """Another job holding an item for a stage (until killed)."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from pathlib import Path
+        from pipelines.store import item_lock
+        with item_lock(Path({str(lock_dir)!r}), stage={stage!r}):
+            print("held", flush=True)
+            time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _stage(folder: Path, status: str, error: str | None = None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    Manifest(stage=folder.name, status=status, error=error).save(folder)
+
+
+def test_status_tells_dead_jobs_from_live_ones_and_lists_what_has_not_started(photo, tmp_path):
+    """status showed a SIGKILLed job 'running' forever, never listed items without a folder, and counted
+    reenactments as one number that included the failures."""
+    out = tmp_path / "out"
+    other = tmp_path / "other.jpg"
+    iio.imwrite(other, portrait(6), quality=92)
+    killed = out / item_id(photo)  # its job was SIGKILLed during the avatar stage: a manifest says running
+    _stage(killed / "preprocess", "done")
+    _stage(killed / "avatar", "running")
+    (killed / ".lock").write_text(json.dumps({"pid": 2 ** 22 + 1, "host": socket.gethostname(), "stage": "avatar"}))
+    _stage(killed / "reenact" / "drv1-0123456789", "done")
+    _stage(killed / "reenact" / "drv2-0123456789", "failed", "no face found in 'drv2.mp4'")
+    _stage(killed / "reenact" / "drv3-0123456789", "done")
+    live = out / "live-0123456789"  # a job is working on its avatar right now
+    _stage(live / "preprocess", "done")
+    _stage(live / "avatar", "running")
+    holder = _hold(live, "avatar")
+    try:
+        p = run_cli("--log-json", "status", out, photo, other, check=0)
+        table = run_cli("status", out, photo, other, check=0).stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    rows = {e["item"]: e for e in lines_json(p.stdout) if e["event"] == "status"}
+    assert rows[killed.name]["avatar"] == "interrupted" and rows[killed.name]["preprocess"] == "done"
+    assert rows[killed.name]["reenact"] == {"done": 2, "failed": 1}
+    assert rows[killed.name]["errors"] == {}
+    assert rows["live-0123456789"]["avatar"] == "running"
+    assert rows["live-0123456789"]["running"] == {"avatar": f"pid {holder.pid} on {socket.gethostname()}"}
+    assert rows[item_id(other)] == {**rows[item_id(other)], "preprocess": "not started", "input": str(other)}
+    summary = [e for e in lines_json(p.stdout) if e["event"] == "summary"][0]
+    assert summary["items"] == 3 and summary["preprocess"] == {"done": 2, "not started": 1}
+    assert summary["avatar"] == {"running": 1, "interrupted": 1} and summary["reenact"] == {"done": 2, "failed": 1}
+    text = " ".join(table.split())
+    assert "2 done, 1 failed" in text and "not started" in text and "interrupted" in text
+    # Once the live job is gone (killed), its stage reads interrupted too.
+    p = run_cli("--log-json", "status", out, check=0)
+    rows = {e["item"]: e for e in lines_json(p.stdout) if e["event"] == "status"}
+    assert rows["live-0123456789"]["avatar"] == "interrupted" and item_id(other) not in rows
+
+
 def test_run_in_a_job_array_drives_each_avatar_with_every_driving_input(tmp_path, monkeypatch):
     """`fhavatar run` sharded its --driving inputs by the job array too: task i drove its avatars with 1/n of them."""
     import pipelines.stages as stages
