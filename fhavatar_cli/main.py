@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from pipelines.batch import EXIT_USAGE, EXIT_WEIGHTS
+from pipelines.batch import EXIT_USAGE, EXIT_WEIGHTS, exit_on_signal
 from pipelines.errors import ConfigError, FhavatarError, WeightsError
 from pipelines.store import ensure_dir
 
@@ -30,6 +30,9 @@ def main(
     log_json: bool = typer.Option(False, "--log-json", help="Line-delimited JSON events on stdout (cluster logs)."),
 ) -> None:
     State.ui = UI(quiet=quiet, log_json=log_json)
+    # Until a batch takes them over: a job pre-empted while models load exits 130 too, as documented.
+    exit_on_signal(lambda name: State.ui.error(f"interrupted by {name}: stopped, nothing half-written remains "
+                                               "— re-run the same command to continue"))
 
 
 def resolve_device(device: str) -> str:

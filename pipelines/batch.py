@@ -6,7 +6,8 @@ Exit codes used by the CLI (documented in the README):
     2  bad usage or inputs (nothing was run)
     3  missing or mismatched weights / model files
     75 no item failed, but at least one was locked by another job working on it: left to that job
-    130 interrupted (SIGINT / SIGTERM): the current item was finished, the rest left pending
+    130 interrupted (SIGINT / SIGTERM): the current item was finished, the rest left pending (before the first item:
+        nothing was run)
 """
 
 from __future__ import annotations
@@ -64,6 +65,26 @@ class StopRequested:
             signal.signal(sig, old)
 
 
+def exit_on_signal(on_signal: Callable[[str], None] | None = None) -> None:
+    """Make SIGTERM / SIGINT exit at once with ``EXIT_INTERRUPTED`` (until ``run_batch`` takes them over).
+
+    Loading models before the first item takes seconds; a job pre-empted then must exit 130 like one pre-empted
+    between items, not die with 143 (or click's "Aborted!" and 1). Nothing is half-written: ``atomic_path`` removes
+    its temporary file as the exit unwinds. ``on_signal(name)`` is told first (to print one line).
+    """
+
+    def handle(signum, frame) -> None:
+        if on_signal is not None:
+            on_signal(signal.Signals(signum).name)
+        raise SystemExit(EXIT_INTERRUPTED)  # not an Exception: no `except Exception` on the way swallows it
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, handle)
+        except ValueError:  # not in the main thread
+            pass
+
+
 def run_stage(
     stage_dir: Path,
     settings: dict,
@@ -99,7 +120,7 @@ def run_stage(
         try:
             rels = work(stage_dir)
         except BaseException as e:
-            m.status = "failed" if not isinstance(e, KeyboardInterrupt) else "interrupted"
+            m.status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
             m.error = e.line() if isinstance(e, FhavatarError) else f"{type(e).__name__}: {e}"
             m.finished = time.time()
             m.seconds = m.finished - m.started

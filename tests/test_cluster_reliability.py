@@ -139,6 +139,22 @@ def test_preprocess_takes_the_item_lock_and_leaves_a_locked_item_to_its_holder(p
     assert p.returncode == 0 and "locked" not in p.stderr
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_models_load_exits_130(photo, tmp_path, sig):
+    """SIGTERM before the first item used to kill the job with 143 (SIGINT: click's 'Aborted!' and 1)."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*CLI, "preprocess", str(photo), "--out", str(out), "--head-model", "embedded"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while not out.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)  # the folder is made before the head model and torch load (seconds)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"interrupted by {sig.name}" in err and "re-run" in err
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
 def _hold(lock_dir: Path, stage: str) -> subprocess.Popen:
     """Another job holding an item for a stage (until killed)."""
     code = textwrap.dedent(f"""
