@@ -401,8 +401,8 @@ def status(
     ui.event("summary", items=len(rows), **summary)
     if not ui.log_json:
         ui.out.print(table)
-        ui.out.print(f"{len(rows)} item(s); " + "; ".join(
-            f"{s}: " + ", ".join(f"{v} {k}" for k, v in c.items()) for s, c in summary.items()))
+        ui.out.print("; ".join([f"{len(rows)} item(s)"] + [f"{s}: " + ", ".join(f"{v} {k}" for k, v in c.items())
+                                                         for s, c in summary.items()]))
 
 
 @app.command()

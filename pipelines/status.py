@@ -42,18 +42,17 @@ class ItemStatus:
 
 
 def stage_state(stage: Path) -> StageState | None:
-    """The state of one stage folder, None when it does not exist."""
-    if not stage.is_dir():
-        return None
+    """The state of one stage folder, None when it does not exist (and no job is about to make it)."""
     m = Manifest.load(stage)
     if m is not None and m.status in ("done", "failed"):
         return StageState(m.status, m.error)
     # Running, or its job died: the lock tells. Stages lock their item folder (the stage's parent) or themselves.
+    # A holder that named no stage (or not yet) counts for the stages present.
     for lock_dir in (stage, stage.parent):
         holder = lock_holder(lock_dir)
-        if holder is not None and holder.stage in (None, stage.name):
+        if holder is not None and (holder.stage == stage.name or (holder.stage is None and stage.is_dir())):
             return StageState("running", holder=holder.describe())
-    return StageState("interrupted", m.error if m is not None else None)
+    return StageState("interrupted", m.error if m is not None else None) if stage.is_dir() else None
 
 
 def item_status(item_dir: Path, input_name: str | None = None) -> ItemStatus:

@@ -193,21 +193,24 @@ def test_status_tells_dead_jobs_from_live_ones_and_lists_what_has_not_started(ph
     _stage(live / "preprocess", "done")
     _stage(live / "avatar", "running")
     holder = _hold(live, "avatar")
+    starting = _hold(out / "starting-0123456789", "preprocess")  # it has not made its stage folder yet
     try:
         p = run_cli("--log-json", "status", out, photo, other, check=0)
         table = run_cli("status", out, photo, other, check=0).stderr
     finally:
-        holder.kill()
-        holder.wait()
+        for h in (holder, starting):
+            h.kill()
+            h.wait()
     rows = {e["item"]: e for e in lines_json(p.stdout) if e["event"] == "status"}
     assert rows[killed.name]["avatar"] == "interrupted" and rows[killed.name]["preprocess"] == "done"
     assert rows[killed.name]["reenact"] == {"done": 2, "failed": 1}
     assert rows[killed.name]["errors"] == {}
     assert rows["live-0123456789"]["avatar"] == "running"
     assert rows["live-0123456789"]["running"] == {"avatar": f"pid {holder.pid} on {socket.gethostname()}"}
+    assert rows["starting-0123456789"]["preprocess"] == "running"
     assert rows[item_id(other)] == {**rows[item_id(other)], "preprocess": "not started", "input": str(other)}
     summary = [e for e in lines_json(p.stdout) if e["event"] == "summary"][0]
-    assert summary["items"] == 3 and summary["preprocess"] == {"done": 2, "not started": 1}
+    assert summary["items"] == 4 and summary["preprocess"] == {"done": 2, "running": 1, "not started": 1}
     assert summary["avatar"] == {"running": 1, "interrupted": 1} and summary["reenact"] == {"done": 2, "failed": 1}
     text = " ".join(table.split())
     assert "2 done, 1 failed" in text and "not started" in text and "interrupted" in text
@@ -215,6 +218,7 @@ def test_status_tells_dead_jobs_from_live_ones_and_lists_what_has_not_started(ph
     p = run_cli("--log-json", "status", out, check=0)
     rows = {e["item"]: e for e in lines_json(p.stdout) if e["event"] == "status"}
     assert rows["live-0123456789"]["avatar"] == "interrupted" and item_id(other) not in rows
+    assert rows["starting-0123456789"]["preprocess"] == "-"
 
 
 def test_run_in_a_job_array_drives_each_avatar_with_every_driving_input(tmp_path, monkeypatch):
