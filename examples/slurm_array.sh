@@ -30,6 +30,7 @@ if kill -0 "$pid" 2>/dev/null || [ "$code" -gt 128 ]; then wait "$pid"; code=$?;
 case $code in
   0)   echo "task $SLURM_ARRAY_TASK_ID: all items done" >&2 ;;
   1)   echo "task $SLURM_ARRAY_TASK_ID: some items failed (see the JSON lines / fhavatar status $OUT)" >&2 ;;
+  75)  echo "task $SLURM_ARRAY_TASK_ID: some items were locked by another job, left to it (fhavatar status $OUT)" >&2 ;;
   130) echo "task $SLURM_ARRAY_TASK_ID: pre-empted; requeue to continue" >&2 ;;
   *)   echo "task $SLURM_ARRAY_TASK_ID: could not start (exit $code)" >&2 ;;
 esac

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from pipelines.batch import EXIT_USAGE, EXIT_WEIGHTS
+from pipelines.batch import EXIT_USAGE, EXIT_WEIGHTS, exit_on_signal
 from pipelines.errors import ConfigError, FhavatarError, WeightsError
 from pipelines.store import ensure_dir
 
@@ -30,6 +30,9 @@ def main(
     log_json: bool = typer.Option(False, "--log-json", help="Line-delimited JSON events on stdout (cluster logs)."),
 ) -> None:
     State.ui = UI(quiet=quiet, log_json=log_json)
+    # Until a batch takes them over: a job pre-empted while models load exits 130 too, as documented.
+    exit_on_signal(lambda name: State.ui.error(f"interrupted by {name}: stopped, nothing half-written remains "
+                                               "— re-run the same command to continue"))
 
 
 def resolve_device(device: str) -> str:
@@ -350,34 +353,56 @@ def reenact(
 
 
 @app.command()
-def status(out: Path = typer.Argument(..., help="An output folder of fhavatar.")) -> None:
-    """Summarize done / failed / running stages per item of an output folder."""
+def status(
+    out: Path = typer.Argument(..., help="An output folder of fhavatar."),
+    inputs: Optional[List[str]] = typer.Argument(None, help="The batch's inputs (files, folders, globs, @list.txt): "
+                                                 "also lists those not started yet (hashes each input)."),
+) -> None:
+    """Per item of an output folder: done / failed / running (by whom) / interrupted per stage, reenactments and
+    evaluations counted by outcome, and (given the inputs) the items not started yet."""
     from rich.table import Table
 
-    from pipelines.store import Manifest
+    from pipelines.status import MULTI_STAGES, NOT_STARTED, STAGES, collect_status, counts, totals
+    from pipelines.store import IMAGE_EXTS, VIDEO_EXTS, expand_inputs, item_id
 
     ui = State.ui
-    if not out.is_dir():
-        fail(ConfigError(f"output folder '{out}' not found"))
-    stages = ("preprocess", "avatar", "turntable", "eval")
-    table = Table("item", *stages, "reenact")
-    totals: dict[str, dict[str, int]] = {s: {} for s in stages + ("reenact",)}
-    for item in sorted(p for p in out.iterdir() if p.is_dir()):
-        row = []
-        for s in stages:
-            m = Manifest.load(item / s)
-            st = m.status if m else ("-" if not (item / s).exists() else "incomplete")
-            totals[s][st] = totals[s].get(st, 0) + 1
-            row.append(st if not (m and m.error) else f"{st}: {m.error[:40]}")
-        reen = sorted((item / "reenact").glob("*/manifest.json")) if (item / "reenact").is_dir() else []
-        row.append(f"{len(reen)}" if reen else "-")
-        table.add_row(item.name, *row)
-        ui.event("status", item=item.name, **dict(zip(stages, row)))
+    try:
+        if not out.is_dir():
+            raise ConfigError(f"output folder '{out}' not found")
+        given = []
+        for spec in inputs or []:
+            paths = [Path(spec)] if _is_item_folder(Path(spec)) else expand_inputs([spec], IMAGE_EXTS + VIDEO_EXTS)
+            given += [(str(p), p.name if p.is_dir() else item_id(p)) for p in paths]
+    except FhavatarError as e:
+        fail(e)
+    rows = collect_status(out, given)
+
+    def cell(st) -> str:
+        if st is None:
+            return "-"
+        return st.state + (f" ({st.holder})" if st.holder else "") + (f": {st.error[:40]}" if st.error else "")
+
+    table = Table("item", *STAGES, *MULTI_STAGES)
+    for r in rows:
+        if not r.started:
+            rest = ["-"] * (len(STAGES) - 1 + len(MULTI_STAGES))
+            table.add_row(f"{r.item} ({Path(r.input).name})", NOT_STARTED, *rest)
+            ui.event("status", item=r.item, input=r.input, **{STAGES[0]: NOT_STARTED})
+            continue
+        multi = {s: counts(r.multi.get(s, {}).values()) for s in MULTI_STAGES}
+        table.add_row(r.item, *(cell(r.stages.get(s)) for s in STAGES),
+                      *(", ".join(f"{v} {k}" for k, v in multi[s].items()) or "-" for s in MULTI_STAGES))
+        states = {s: r.stages[s].state if s in r.stages else "-" for s in STAGES}
+        ui.event("status", item=r.item, input=r.input, **states, **multi,
+                 errors={s: st.error for s, st in r.stages.items() if st.error},
+                 running={s: st.holder for s, st in r.stages.items() if st.holder},
+                 each={s: {k: v.state for k, v in r.multi.get(s, {}).items()} for s in MULTI_STAGES})
+    summary = totals(rows)
+    ui.event("summary", items=len(rows), **summary)
     if not ui.log_json:
         ui.out.print(table)
-        ui.out.print(", ".join(f"{s}: " + " ".join(f"{v} {k}" for k, v in c.items() if k != "-") for s, c in
-                               totals.items() if any(k != "-" for k in c)))
-
+        ui.out.print("; ".join([f"{len(rows)} item(s)"] + [f"{s}: " + ", ".join(f"{v} {k}" for k, v in c.items())
+                                                         for s, c in summary.items()]))
 
 
 @app.command()
@@ -495,7 +520,7 @@ def run_chain(
     ui = State.ui
     try:
         items = _select(inputs, IMAGE_EXTS + VIDEO_EXTS, shard)
-        drivers = _select(driving, VIDEO_EXTS + (".npz",), None) if driving else []
+        drivers = _select(driving, VIDEO_EXTS + (".npz",), "0/1") if driving else []  # every task drives with all
         ensure_dir(out)
         dev = resolve_device(device)
         head = _load_head(head_model, dev)

@@ -45,8 +45,10 @@ class UI:
         if self.log_json:
             self.event("item", name=result.name, id=result.item_id, status=result.status, error=result.error,
                        seconds=round(result.seconds, 3))
-        elif result.status == "failed" or result.status == "locked":
+        elif result.status == "failed":
             self.error(f"{result.name}: {result.error}")
+        elif result.status == "locked":  # not an error, but it explains the exit code (75): shown even with --quiet
+            self.out.print(f"[yellow] locked[/] {result.name}: {result.error}", soft_wrap=True)
         elif not self.quiet:
             colour = {"done": "green", "skipped": "cyan"}.get(result.status, "yellow")
             self.out.print(f"[{colour}]{result.status:>7}[/] {result.name} ({result.seconds:.1f}s)")

@@ -5,7 +5,9 @@ Exit codes used by the CLI (documented in the README):
     1  at least one item failed (the others were completed; see each item's manifest / the one-line errors)
     2  bad usage or inputs (nothing was run)
     3  missing or mismatched weights / model files
-    130 interrupted (SIGINT / SIGTERM): the current item was finished, the rest left pending
+    75 no item failed, but at least one was locked by another job working on it: left to that job
+    130 interrupted (SIGINT / SIGTERM): the current item was finished, the rest left pending (before the first item:
+        nothing was run)
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import FhavatarError
-from .store import ItemLocked, Manifest, hash_file, is_up_to_date, item_lock
+from .store import ItemLocked, Manifest, hash_file, is_up_to_date, take_stage
 
 EXIT_OK, EXIT_ITEM_FAILED, EXIT_USAGE, EXIT_WEIGHTS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_LOCKED = 75  # sysexits' EX_TEMPFAIL: nothing failed, another job has the item; re-run later to check
 
 
 @dataclass
@@ -62,6 +65,26 @@ class StopRequested:
             signal.signal(sig, old)
 
 
+def exit_on_signal(on_signal: Callable[[str], None] | None = None) -> None:
+    """Make SIGTERM / SIGINT exit at once with ``EXIT_INTERRUPTED`` (until ``run_batch`` takes them over).
+
+    Loading models before the first item takes seconds; a job pre-empted then must exit 130 like one pre-empted
+    between items, not die with 143 (or click's "Aborted!" and 1). Nothing is half-written: ``atomic_path`` removes
+    its temporary file as the exit unwinds. ``on_signal(name)`` is told first (to print one line).
+    """
+
+    def handle(signum, frame) -> None:
+        if on_signal is not None:
+            on_signal(signal.Signals(signum).name)
+        raise SystemExit(EXIT_INTERRUPTED)  # not an Exception: no `except Exception` on the way swallows it
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, handle)
+        except ValueError:  # not in the main thread
+            pass
+
+
 def run_stage(
     stage_dir: Path,
     settings: dict,
@@ -80,12 +103,16 @@ def run_stage(
         work: does the work, writing files (atomically) into ``stage_dir``; returns their relative paths.
         lock_dir: folder holding the per-item lock (default: the stage folder's parent, i.e. the item folder).
     Returns:
-        ("done" | "skipped", outputs {relpath: sha256}). Failures raise after recording them in the manifest.
+        ("done" | "skipped", outputs {relpath: sha256}). Failures raise after recording them in the manifest;
+        ``ItemLocked`` when another job holds the item and the stage is not finished.
     """
     stage_dir = Path(stage_dir)
     input_hashes = {k: (v if isinstance(v, str) else hash_file(v)) for k, v in inputs.items()}
-    with item_lock(lock_dir or stage_dir.parent):
-        if not force and is_up_to_date(stage_dir, settings, input_hashes):
+    # A finished stage is skipped without the lock: another job may hold the item for another of its stages.
+    if not force and is_up_to_date(stage_dir, settings, input_hashes):
+        return "skipped", Manifest.load(stage_dir).outputs
+    with take_stage(stage_dir, lock_dir):
+        if not force and is_up_to_date(stage_dir, settings, input_hashes):  # finished meanwhile by another job
             return "skipped", Manifest.load(stage_dir).outputs
         stage_dir.mkdir(parents=True, exist_ok=True)
         m = Manifest(stage=stage_dir.name, settings=settings, inputs=input_hashes, started=time.time())
@@ -93,7 +120,7 @@ def run_stage(
         try:
             rels = work(stage_dir)
         except BaseException as e:
-            m.status = "failed" if not isinstance(e, KeyboardInterrupt) else "interrupted"
+            m.status = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
             m.error = e.line() if isinstance(e, FhavatarError) else f"{type(e).__name__}: {e}"
             m.finished = time.time()
             m.seconds = m.finished - m.started
@@ -118,8 +145,8 @@ def run_batch(
     """Run ``(name, item_id, job)`` items one after another with failure isolation and clean stops.
 
     ``job()`` returns (status, outputs) like ``run_stage``. A failing item records its one-line error and the batch
-    goes on (unless ``fail_fast``); a locked item is reported as ``locked``; after SIGTERM/SIGINT the remaining
-    items are reported ``pending``.
+    goes on (unless ``fail_fast``); an item another job holds is reported ``locked`` (left to that job, not a
+    failure); after SIGTERM/SIGINT the remaining items are reported ``pending``.
     """
     results: list[ItemResult] = []
     with StopRequested() as stop:
@@ -131,8 +158,9 @@ def run_batch(
             try:
                 status, outputs = job()
                 r = ItemResult(name, iid, status, None, time.time() - t0, outputs)
-            except ItemLocked:
-                r = ItemResult(name, iid, "locked", "another job is working on this item", time.time() - t0)
+            except ItemLocked as e:
+                r = ItemResult(name, iid, "locked", f"left to {e.holder.describe()}, which is working on it",
+                               time.time() - t0)
             except FhavatarError as e:
                 r = ItemResult(name, iid, "failed", e.line(), time.time() - t0)
             except KeyboardInterrupt:
@@ -153,8 +181,11 @@ def run_batch(
 
 
 def exit_code(results: list[ItemResult]) -> int:
+    """The batch's exit code: interrupted > failed > locked (left to another job) > ok."""
     if any(r.status == "pending" for r in results):
         return EXIT_INTERRUPTED
-    if any(r.status in ("failed", "locked") for r in results):
+    if any(r.status == "failed" for r in results):
         return EXIT_ITEM_FAILED
+    if any(r.status == "locked" for r in results):
+        return EXIT_LOCKED
     return EXIT_OK

@@ -300,3 +300,26 @@ def test_shape_errors_name_the_argument():
     g[3] = g[3][:2]
     with pytest.raises(ValueError, match="opacities"):
         render_gaussians(*g, identity_view(), intrinsics(), W, H, backend="torch")
+
+
+def test_auto_backend_on_cuda_without_gsplat_warns_once(monkeypatch, caplog):
+    """gsplat failing to import on a CUDA machine silently fell back to the ~50x slower reference rasterizer."""
+    import logging
+
+    from pipelines.render import api
+
+    monkeypatch.setattr(api, "gsplat_available", lambda: False)
+    monkeypatch.setattr(api, "gsplat_import_error", lambda: "ImportError: libcudart.so.12: cannot open shared object")
+    api._warn_slow_fallback.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=api.__name__):
+            assert [api.resolve_backend("auto", d) for d in ("cuda", "cuda:0", "cpu")] == ["torch"] * 3
+    finally:
+        api._warn_slow_fallback.cache_clear()
+    (msg,) = [r.getMessage() for r in caplog.records if r.name == api.__name__]
+    assert "gsplat cannot be imported (ImportError: libcudart.so.12" in msg and "50x slower" in msg
+    assert "pip install gsplat==1.5.3" in msg
+    from pipelines.render.gsplat_backend import _import_gsplat, gsplat_import_error
+
+    if _import_gsplat() is None:  # the real reason, as the warning shows it
+        assert "gsplat" in gsplat_import_error() and "\n" not in gsplat_import_error()

@@ -19,6 +19,8 @@ frame's record to ``progress.jsonl`` (fsynced per chunk). A re-run skips frames 
 an interrupted run resumes at the next unfinished frame; a re-run with the same settings and input hash that finds a
 ``done`` manifest with intact outputs skips the item (one with damaged outputs redoes only the damaged frames). The
 two resume files stay after a successful run so that a change of only the tracking settings reuses every frame.
+The work is done holding the item's lock (``<item_dir>/.lock``, ``pipelines.store.take_stage``), so two jobs never
+write one item; taking it also removes the temporary files a killed earlier run left.
 
 Status per frame: "ok" (mesh found on the aligned crop), "coarse" (only the first pass found the face; its landmarks
 are mapped into the crop), "no_face" (neither; the crop box is interpolated from neighbouring frames and the frame is
@@ -39,7 +41,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import FhavatarError, InputError
-from ..store import Manifest, atomic_path, hash_file, hash_obj, is_up_to_date, save_npz
+from ..store import Manifest, atomic_path, hash_file, hash_obj, is_up_to_date, save_npz, take_stage
 from .config import PreprocessConfig
 from .crop import apply_matrix, crop_box_from_landmarks, crop_matrix, inside_mask, smooth_boxes, warp
 from .detect import NUM_LANDMARKS, FaceBox, FaceDetector, pick_face
@@ -133,6 +135,7 @@ def run_preprocess(
 
     Raises:
         InputError: unreadable input, or no face in the image / in any frame of the video.
+        ItemLocked: another job holds the item (and its preprocessing is not finished).
     """
     cfg = settings or PreprocessConfig()
     input_path = Path(input_path)
@@ -142,12 +145,30 @@ def run_preprocess(
     digest = hash_file(input_path)
     inputs = {"input": digest}
     manifest_settings = {**cfg.to_dict(), **({"tracking": track_settings} if track_settings is not None else {})}
-    if is_up_to_date(out, manifest_settings, inputs):
-        m = Manifest.load(out)
-        assert m is not None
-        return PreprocessResult(out, out / LANDMARKS, int(m.extra.get("num_frames", 0)),
-                                dict(m.extra.get("status_counts", {})), 0, 0, skipped=True)
+    # Skipping needs no lock (another job may hold the item for a later stage); doing the work does, and a second
+    # look under it, in case another job finished the item meanwhile.
+    done = _finished(out, manifest_settings, inputs)
+    if done is None:
+        with take_stage(out, item_dir):
+            done = _finished(out, manifest_settings, inputs)
+            if done is None:
+                done = _preprocess(input_path, out, cfg, digest, manifest_settings, inputs, progress, track_fn)
+    return done
 
+
+def _finished(out: Path, manifest_settings: dict, inputs: dict) -> PreprocessResult | None:
+    """The result of a finished, up-to-date preprocessing of ``out`` (skipped), else None."""
+    if not is_up_to_date(out, manifest_settings, inputs):
+        return None
+    m = Manifest.load(out)
+    assert m is not None
+    return PreprocessResult(out, out / LANDMARKS, int(m.extra.get("num_frames", 0)),
+                            dict(m.extra.get("status_counts", {})), 0, 0, skipped=True)
+
+
+def _preprocess(input_path: Path, out: Path, cfg: PreprocessConfig, digest: str, manifest_settings: dict,
+                inputs: dict, progress: ProgressFn | None, track_fn: TrackFn | None) -> PreprocessResult:
+    """Do the preprocessing of one item (its lock held): resume finished frames, write the manifest last."""
     started = time.time()
     key = hash_obj({"settings": cfg.to_dict(), "input": digest})  # what the frames depend on
     old = Manifest.load(out)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from pipelines.errors import ConfigError
-from pipelines.render.gsplat_backend import gsplat_available, rasterize_gsplat
+from pipelines.render.gsplat_backend import GSPLAT_VERSION, gsplat_available, gsplat_import_error, rasterize_gsplat
 from pipelines.render.reference import rasterize_view
 
 BACKENDS = ("auto", "gsplat", "torch")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,8 +41,22 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
             f"unknown render backend '{backend}'", f"choose one of {', '.join(repr(b) for b in BACKENDS)}"
         )
     if backend == "auto":
-        return "gsplat" if torch.device(device).type == "cuda" and gsplat_available() else "torch"
+        if torch.device(device).type != "cuda":
+            return "torch"
+        if gsplat_available():
+            return "gsplat"
+        _warn_slow_fallback()
+        return "torch"
     return backend
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_slow_fallback() -> None:
+    """Say once per process that a CUDA machine renders with the reference rasterizer (about 50x slower than gsplat):
+    a missing or broken gsplat must not go unnoticed."""
+    log.warning("gsplat cannot be imported (%s): rendering on CUDA with the PyTorch reference rasterizer, about 50x "
+                "slower — install it with `pip install gsplat==%s`, or pass --renderer torch to choose this",
+                gsplat_import_error() or "not installed", GSPLAT_VERSION)
 
 
 def render_gaussians(

@@ -21,14 +21,23 @@ from pipelines.errors import ConfigError
 GSPLAT_VERSION = "1.5.3"
 
 
+_import_error: list[str] = []  # why gsplat could not be imported, once it was tried
+
+
 @functools.lru_cache(maxsize=1)
 def _import_gsplat():
-    """The gsplat module, or None when it cannot be imported."""
+    """The gsplat module, or None when it cannot be imported (the reason: ``gsplat_import_error``)."""
     try:
         import gsplat  # noqa: PLC0415 - optional dependency, imported on first use
-    except Exception:  # ImportError, or a broken CUDA extension build
+    except Exception as e:  # ImportError, or a broken CUDA extension build
+        _import_error.append(f"{type(e).__name__}: {e}".splitlines()[0])
         return None
     return gsplat
+
+
+def gsplat_import_error() -> str | None:
+    """Why gsplat cannot be imported (one line), or None when it imports (or was not tried)."""
+    return _import_error[-1] if _import_gsplat() is None and _import_error else None
 
 
 def gsplat_available() -> bool:
