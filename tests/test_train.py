@@ -227,7 +227,7 @@ def test_flipped_batch_shows_mirrored_images_and_tracking(dataset, head):
     clip = Clip(dataset / "clip_b-abcdef0123", IMAGE)
     mirror, _ = HeadMirror.build(head)
     cfg = DataConfig(brightness=0, contrast=0, saturation=0)
-    plans = [sample_plan([clip], cfg, 0, 0, 0, 0, True)]
+    plans = [sample_plan([clip], cfg, 0, 0, 0, True)]
     plans[0].flip = False
     plain = make_batch([clip], plans, "cpu", mirror)
     plans[0].flip = True
@@ -245,8 +245,8 @@ def test_flipped_batch_shows_mirrored_images_and_tracking(dataset, head):
 def test_sampling_is_a_pure_function_of_the_step(dataset):
     clips = [Clip(dataset / n, IMAGE) for n in ("clip_a-0123456789", "clip_b-abcdef0123")]
     cfg = DataConfig(recon_prob=0.3)
-    a = [sample_plan(clips, cfg, 7, s, 0, b, True) for s in range(50) for b in range(2)]
-    b = [sample_plan(clips, cfg, 7, s, 0, b, True) for s in range(50) for b in range(2)]
+    a = [sample_plan(clips, cfg, 7, s, b, True) for s in range(50) for b in range(2)]
+    b = [sample_plan(clips, cfg, 7, s, b, True) for s in range(50) for b in range(2)]
     assert a == b
     assert 0.1 < np.mean([p.recon for p in a]) < 0.5
     for p in a:

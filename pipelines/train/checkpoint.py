@@ -4,7 +4,8 @@
 (on the same device and software): the fp32 model, the Adam state, the step (which is also the data position, since
 batches are a pure function of the step, see ``data.sample_plan``), the RNG states of torch (CPU and CUDA), numpy
 and python, and the config digest (a resumed run refuses a different optimisation config). It is written
-atomically (temp file + rename), so a run killed mid-write keeps the previous checkpoint.
+atomically (temp file + rename), so a run killed mid-write keeps the previous checkpoint. Under ``torchrun`` rank 0
+writes it and every rank resumes from it (the ranks hold the same weights and optimiser state; see ``loop``).
 
 ``save_sharded`` / ``load_sharded`` split a state into safetensors files of at most ``max_bytes`` (to move a
 checkpoint through channels with a per-file size limit).

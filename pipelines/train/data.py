@@ -17,8 +17,10 @@ Augmentations: a horizontal flip of both images with mirrored tracking (``mirror
 models that are not mirror-symmetric), and colour jitter (brightness, contrast, saturation) applied identically to
 source and target, on the foreground only (the white background stays white, as the renderer's background).
 
-Sampling is a pure function of ``(seed, step, rank, index in batch)`` (:func:`sample_plan`), so the data position
-of a resumed run is just its step: resuming reproduces the exact batches of an uninterrupted run.
+Sampling is a pure function of ``(seed, step, index in the global batch)`` (:func:`sample_plan`), so the data
+position of a resumed run is just its step: resuming reproduces the exact batches of an uninterrupted run. Under
+``torchrun`` process ``rank`` takes elements ``rank * B .. rank * B + B - 1`` of the step's global batch
+(:func:`rank_plans`), so N processes of batch B see exactly the samples of one process of batch N * B.
 """
 
 from __future__ import annotations
@@ -165,10 +167,11 @@ class SamplePlan:
     jitter: tuple[float, float, float]  # brightness, contrast, saturation factors
 
 
-def sample_plan(clips: list[Clip], cfg: DataConfig, seed: int, step: int, rank: int, index: int,
-                can_flip: bool) -> SamplePlan:
-    """The batch element ``index`` of ``step`` on process ``rank``: a pure function of its arguments."""
-    rng = np.random.default_rng([seed, step, rank, index])
+def sample_plan(clips: list[Clip], cfg: DataConfig, seed: int, step: int, index: int, can_flip: bool) -> SamplePlan:
+    """Element ``index`` of the global batch of ``step`` (all processes together): a pure function of its arguments."""
+    # The 0 is where the process rank used to be (each rank drew its own samples): keeping it keeps the batches of
+    # single-process runs made before, so that they still resume exactly.
+    rng = np.random.default_rng([seed, step, 0, index])
     c = int(rng.integers(len(clips)))
     frames = clips[c].frames
     recon = bool(rng.random() < cfg.recon_prob) or len(frames) < 2
@@ -177,6 +180,12 @@ def sample_plan(clips: list[Clip], cfg: DataConfig, seed: int, step: int, rank: 
     flip = bool(rng.random() < cfg.flip_prob) and can_flip
     jit = tuple(float(1.0 + rng.uniform(-a, a)) for a in (cfg.brightness, cfg.contrast, cfg.saturation))
     return SamplePlan(c, int(frames[j]), int(frames[i]), recon, flip, jit)  # type: ignore[arg-type]
+
+
+def rank_plans(clips: list[Clip], cfg: DataConfig, seed: int, step: int, rank: int, batch_size: int,
+               can_flip: bool) -> list[SamplePlan]:
+    """Process ``rank``'s ``batch_size`` elements of the global batch of ``step``: its disjoint, contiguous share."""
+    return [sample_plan(clips, cfg, seed, step, rank * batch_size + b, can_flip) for b in range(batch_size)]
 
 
 @dataclass

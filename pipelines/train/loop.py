@@ -13,9 +13,15 @@ Output folder layout::
     <out>/checkpoints/last.pt         full training state (exact resume), written atomically
     <out>/fhavatar.safetensors        fp16 network weights with the config (what ``load_network`` reads)
 
-Multi-GPU: under ``torchrun`` (``WORLD_SIZE > 1``) the network is wrapped in DistributedDataParallel, each process
-draws its own samples (its rank is part of the sampling seed), and rank 0 alone writes files. ``batch_size`` is per
-process. This path is written but untested here (no multi-GPU machine was available).
+Multi-process: under ``torchrun`` (``WORLD_SIZE > 1``) the network is wrapped in DistributedDataParallel and
+``batch_size`` is per process: process ``rank`` trains on its share of the step's global batch of
+``batch_size * WORLD_SIZE`` samples (``data.rank_plans``), so N processes follow one process of batch N x B (up to
+floating-point summation order; see tests/test_train_ddp.py). Rank 0 alone writes files and validates; the logged
+losses are averaged over the ranks. Decisions that one rank could take alone (``--max-minutes`` on its own clock, a
+non-finite loss) are taken by all ranks together at the same step (``distributed.any_rank``), so no rank is left
+waiting in a gradient all-reduce. No rank returns before rank 0 has written its files, so a next ``train`` call on
+the same folder resumes from the same checkpoint on every rank. Tested on the CPU with gloo (2 processes);
+tools/ddp_scaling.py compares 2 GPUs with 1.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -42,7 +47,8 @@ from ..store import atomic_path, write_json
 from ..uv.space import load_or_build_uv_space
 from .checkpoint import load_training_state, save_training_state, unwrap
 from .config import TrainConfig
-from .data import find_items, load_clips, load_val_clip, make_batch, resize_images, sample_plan, split_items
+from .data import find_items, load_clips, load_val_clip, make_batch, rank_plans, resize_images, split_items
+from .distributed import all_ranks_int, any_rank, from_main, mean_over_ranks, setup
 from .forward import predict_avatar, render_rig
 from .losses import compute_losses, perceptual_backend, warn_skipped_terms
 from .mirror import HeadMirror
@@ -56,6 +62,9 @@ PLOT_TERMS = ["total", "l1", "perceptual", "alpha", "aux_perceptual", "3d", "eye
 
 Progress = Callable[[int, int, dict], None] | None
 
+# The clock that ``max_minutes`` is measured on (a module attribute so that a test can skew one process's clock).
+clock: Callable[[], float] = time.monotonic
+
 
 @dataclass
 class TrainResult:
@@ -67,13 +76,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def _dist_info() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return world, rank, local
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -142,18 +144,9 @@ def train(
         init_weights: when no checkpoint is resumed, start the network from these weights (a ``.safetensors``
             written by training) with a fresh optimiser and step 0 (a warm start: not an exact resume).
     """
-    t_start = time.time()
-    world, rank, local_rank = _dist_info()
-    device = torch.device(device)
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-    main_proc = rank == 0
+    t_start, t_clock = time.time(), clock()
+    dinfo, device = setup(device)
+    world, rank, main_proc = dinfo.world, dinfo.rank, dinfo.main
     out = Path(out_dir)
     ckpt_path = out / "checkpoints" / "last.pt"
     if main_proc:
@@ -193,6 +186,11 @@ def train(
         state = load_training_state(ckpt_path, net, opt, cfg.digest(), device=device)
         step = int(state["step"])
         resumed = True
+    steps = all_ranks_int(step, dinfo, device)
+    if len(set(steps)) > 1:
+        raise ConfigError(f"the processes start from different steps {steps}: they did not all read the same "
+                          f"'{ckpt_path}'", "give every process the same (shared) --out folder")
+    if resumed:
         if main_proc:
             _truncate_log(out / "train_log.csv", LOG_COLUMNS, step)
             _truncate_log(out / "val.csv", VAL_COLUMNS, step)
@@ -266,11 +264,12 @@ def train(
     stopped = "done"
     limit_step = cfg.iterations if stop_at_step is None else min(cfg.iterations, stop_at_step)
     while step < limit_step:
-        if max_minutes is not None and (time.time() - t_start) / 60.0 >= max_minutes:
+        # Collective: one rank whose clock says stop stops them all at this step (alone it would hang the others).
+        time_up = max_minutes is not None and (clock() - t_clock) / 60.0 >= max_minutes
+        if any_rank([time_up], dinfo, device)[0]:
             stopped = "time"
             break
-        plans = [sample_plan(clips, cfg.data, cfg.seed, step, rank, b, mirror is not None)
-                 for b in range(cfg.batch_size)]
+        plans = rank_plans(clips, cfg.data, cfg.seed, step, rank, cfg.batch_size, mirror is not None)
         batch = make_batch(clips, plans, device, mirror)
         lr = cfg.lr_at(step)
         for g in opt.param_groups:
@@ -289,9 +288,11 @@ def train(
         matte = resize_images(batch.tgt_matte, size)
         total, terms = compute_losses(main.rgb, main.alpha, target, matte, cfg.loss, weights, pred.A, pred.delta_p,
                                       valid, eye_mask, i3d=main.positions, rgb_aux=aux.rgb, alpha_aux=aux.alpha)
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"non-finite loss at step {step}: "
-                                     f"{ {k: float(v) for k, v in terms.items()} }")
+        finite = bool(torch.isfinite(total))
+        if any_rank([not finite], dinfo, device)[0]:  # every rank raises, none waits in the all-reduce
+            where = "" if finite else f": { {k: float(v) for k, v in terms.items()} }"
+            raise FloatingPointError(f"non-finite loss at step {step} on "
+                                     f"{'another process' if finite else f'process {rank}'}{where}")
         opt.zero_grad(set_to_none=True)
         total.backward()
         if cfg.grad_clip > 0:
@@ -305,8 +306,10 @@ def train(
         for k, v in terms.items():
             window[k] = window.get(k, 0.0) + v
         window_n += 1
-        if main_proc and (step % cfg.log_every == 0 or step == 1 or step == limit_step):
-            _flush_log(out, step, lr, window, window_n, window_t0, progress, cfg.iterations)
+        if step % cfg.log_every == 0 or step == 1 or step == limit_step:
+            window = mean_over_ranks(window, dinfo, device)  # collective: every rank, same steps
+            if main_proc:
+                _flush_log(out, step, lr, window, window_n, window_t0, progress, cfg.iterations)
             window, window_n, window_t0 = {}, 0, time.time()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save_state()
@@ -319,6 +322,8 @@ def train(
 
     # --- stop cleanly: last log window, checkpoint, weights, validation, plot
     weights_path = None
+    if window_n:
+        window = mean_over_ranks(window, dinfo, device)
     if main_proc:
         if window_n:
             _flush_log(out, step, cfg.lr_at(max(step - 1, 0)), window, window_n, window_t0, progress, cfg.iterations)
@@ -334,6 +339,8 @@ def train(
                         title=f"FHAvatar training losses (unweighted terms; total is weighted), step {step}")
         write_json(out / "status.json", {"step": step, "stopped": stopped, "minutes": (time.time() - t_start) / 60,
                                          "validation": validation})
+    # Every rank returns what rank 0 wrote, once it is written.
+    weights_path, validation = from_main((weights_path, validation), dinfo)
     return TrainResult(step, stopped, out, weights_path, validation)
 
 
