@@ -268,7 +268,8 @@ def load_or_build_uv_space(head: HeadModel, config: UVConfig = UVConfig(), cache
                            device="cpu") -> UVSpace:
     """The head model's UV space, from the cache when its layout digest and settings match, else built and cached."""
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
-    key = hashlib.sha256(f"{uv_layout_digest(head)}-{sorted(asdict(config).items())}".encode()).hexdigest()[:16]
+    settings = f"{uv_layout_digest(head)}-{sorted(asdict(config).items())}-{head.max_uv_ratio_over_median}"
+    key = hashlib.sha256(settings.encode()).hexdigest()[:16]
     path = cache_dir / f"uvspace-{head.name}-{config.size}-{key}.npz"
     if path.exists():
         try:

@@ -41,7 +41,10 @@ JAW_SHAPE = "jawOpen"
 MOUTH_SOCKET_VERTS = (11248, 13293)
 EYE_SOCKET_VERTS = (13294, 14061)
 # Relative texel densities of the atlas items (face = 1): what the avatar needs detail on gets more texels.
-DENSITY = {"face": 1.0, "back": 0.7, "teeth": 1.0, "eyes": 1.0, "mouth": 0.6, "socket": 0.4, "ear_canal": 0.4}
+# The face tile is two islands: the front of the face (centred, whole) and the ring around it (forehead, temples,
+# ears, under the chin; split into mirrored halves), so the front can get more texels than ICT's tile gives it.
+DENSITY = {"face_front": 1.0, "face_ring": 0.7, "back": 0.5, "teeth": 0.75, "eyes": 0.75, "mouth": 0.45,
+           "socket": 0.3, "ear_canal": 0.3}
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,12 @@ def _atlas_items(a: IctAsset, mirror: np.ndarray) -> tuple[list[Item], dict[str,
         "teeth": a.material_faces("M_Teeth"),
         "eyes": a.material_faces("M_ScleraLeft", "M_IrisLeft", "M_ScleraRight", "M_IrisRight"),
     }
-    left, right = split_halves(parts["back"], F, verts, mirror)
-    items = [Item("face", parts["face"], DENSITY["face"], True), Item("back", left, DENSITY["back"], False, right)]
+    face_islands = uv_islands(a.faces_uv, parts["face"])  # largest first: the front of the face, then the ring
+    front, ring = face_islands[0], np.concatenate(face_islands[1:])
+    items = [Item("face_front", front, DENSITY["face_front"], True)]
+    for name, faces_ in (("face_ring", ring), ("back", parts["back"])):
+        left, right = split_halves(faces_, F, verts, mirror)
+        items.append(Item(name, left, DENSITY[name], False, right))
     for name, part, density in (("ear_canal", "ear_canal", "ear_canal"), ("mouth_socket", "socket", "socket"),
                                 ("eye_socket", "eye_socket", "socket"), ("gums_tongue", "gums_tongue", "mouth"),
                                 ("tooth", "teeth", "teeth"), ("eye", "eyes", "eyes")):
