@@ -262,3 +262,28 @@ def test_descriptor_is_differentiable_in_the_image(ident, real_faces):
     assert torch.isfinite(g).all() and g.abs().sum() > 0
     # Only the face chip's region of the image receives gradient.
     assert g[0, :, :40, :40].abs().sum() == 0
+
+
+def test_a_float16_copy_loads_through_the_environment_variable(ident, real_faces, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from pipelines.evaluate.models import ModelUnavailable
+    from pipelines.identity import weights_path
+    from pipelines.identity.descriptor import WEIGHTS_SHA256
+
+    path = tmp_path / "fp16.safetensors"
+    state = {k: v.half().contiguous() for k, v in ident.net.state_dict().items()}
+    save_file(state, str(path), metadata={"dtype": "float16", "source_sha256": WEIGHTS_SHA256})
+    monkeypatch.setenv("FHAVATAR_FACE_DESCRIPTOR", str(path))
+    assert weights_path() == path
+    copy = FaceIdentity()
+    chips = torch.from_numpy(np.stack([f[3] for f in real_faces])).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(copy.embed(chips), ident.embed(chips))
+    assert cos.min() > 1 - 1e-5 and "float16 copy" in copy.card.source
+    save_file(state, str(path), metadata={"source_sha256": "0" * 64})
+    with pytest.raises(ModelUnavailable, match="not made from dlib"):
+        FaceIdentity()
+    monkeypatch.setenv("FHAVATAR_FACE_DESCRIPTOR", str(tmp_path / "missing.dat"))
+    with pytest.raises(ModelUnavailable, match="FHAVATAR_FACE_DESCRIPTOR"):
+        weights_path()

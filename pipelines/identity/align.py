@@ -221,15 +221,19 @@ def pyramid_down(x: torch.Tensor, quantize: bool = False) -> torch.Tensor:
     return torch.floor(y / 256.0) if quantize else y / 256.0
 
 
-def _sample(src: torch.Tensor, affine: torch.Tensor, size: int) -> torch.Tensor:
+def _sample(src: torch.Tensor, affine: torch.Tensor, size: int, box: torch.Tensor | None = None) -> torch.Tensor:
     """Bilinear samples of src (B, C, h, w) at affine (B, 2, 3) @ (c, r, 1) for a size x size chip; 0 where a 2x2
-    neighbourhood leaves src (dlib's interpolate_bilinear + black background)."""
+    neighbourhood leaves the box (B, 4) x0, y0, x1, y1 (inclusive; default: all of src), as dlib's
+    interpolate_bilinear + black background on ``sub_image(img, box)``."""
     b, _, h, w = src.shape
     g = torch.arange(size, dtype=affine.dtype, device=affine.device)
     cr = torch.stack(torch.meshgrid(g, g, indexing="xy") + (torch.ones(size, size, dtype=g.dtype, device=g.device),), -1)
     xy = torch.einsum("bij,rcj->brci", affine, cr)  # (B, size, size, 2) pixel coordinates in src
-    fl = torch.floor(xy)
-    inside = (fl[..., 0] >= 0) & (fl[..., 1] >= 0) & (fl[..., 0] + 1 < w) & (fl[..., 1] + 1 < h)
+    if box is None:
+        box = torch.tensor([0, 0, w - 1, h - 1], dtype=affine.dtype, device=affine.device).expand(b, 4)
+    fx, fy = torch.floor(xy[..., 0]), torch.floor(xy[..., 1])
+    x0, y0, x1, y1 = (box[:, i, None, None] for i in range(4))
+    inside = (fx >= x0) & (fy >= y0) & (fx + 1 <= x1) & (fy + 1 <= y1)
     grid = torch.stack([2 * xy[..., 0] / max(w - 1, 1) - 1, 2 * xy[..., 1] / max(h - 1, 1) - 1], -1)
     out = F.grid_sample(src, grid.to(src.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
     return out * inside[:, None].to(out.dtype)
@@ -255,9 +259,11 @@ def extract_chips(images: torch.Tensor, details: ChipDetails, quantize: bool = F
     if direct:
         # Sampling the crop = sampling the image at shifted coordinates, black outside the crop.
         aff = torch.tensor(np.stack([_shifted(plans[i]) for i in direct]), dtype=torch.float64, device=x.device)
-        chips = _sample(x[direct], aff, size)
-        crop_mask = torch.stack([_crop_mask(plans[i], aff[k], size) for k, i in enumerate(direct)])
-        out[direct] = chips * crop_mask[:, None].to(chips.dtype)
+        box = torch.tensor([plans[i].box for i in direct], dtype=torch.float64, device=x.device)
+        if len(direct) == len(plans):
+            out = _sample(x, aff, size, box)
+        else:
+            out[direct] = _sample(x[direct], aff, size, box)
     for i, p in enumerate(plans):
         if p.levels == 0:
             continue
@@ -279,13 +285,3 @@ def _shifted(plan: ChipPlan) -> np.ndarray:
     a = plan.affine.copy()
     a[:, 2] += (plan.box[0], plan.box[1])
     return a
-
-
-def _crop_mask(plan: ChipPlan, affine: torch.Tensor, size: int) -> torch.Tensor:
-    """(size, size) 1 where the 2x2 neighbourhood of a chip pixel lies inside the plan's crop, else 0."""
-    x0, y0, x1, y1 = plan.box
-    g = torch.arange(size, dtype=affine.dtype, device=affine.device)
-    cc, rr = torch.meshgrid(g, g, indexing="xy")
-    fx = torch.floor(affine[0, 0] * cc + affine[0, 1] * rr + affine[0, 2])
-    fy = torch.floor(affine[1, 0] * cc + affine[1, 1] * rr + affine[1, 2])
-    return ((fx >= x0) & (fy >= y0) & (fx + 1 <= x1) & (fy + 1 <= y1)).to(torch.float32)

@@ -126,7 +126,7 @@ class DlibFaceResNet(nn.Module):
             c = channels
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(c, DESCRIPTOR_DIM, bias=False)
-        self.register_buffer("mean_rgb", torch.tensor([122.782, 117.001, 104.298]), persistent=False)
+        self.register_buffer("mean_rgb", torch.tensor([122.782, 117.001, 104.298]))
 
     def normalize(self, chips: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> dlib's input values (255 x - mean) / 256."""
@@ -203,7 +203,22 @@ class DlibFaceResNet(nn.Module):
     @classmethod
     def from_dlib(cls, path: str | Path) -> "DlibFaceResNet":
         """The network with the weights of a dlib ``.dat`` file (frozen, eval mode)."""
-        model = cls().load_dlib(read_network(path, dlib_layout()))
-        for p in model.parameters():
+        return cls().load_dlib(read_network(path, dlib_layout())).frozen()
+
+    @classmethod
+    def from_safetensors(cls, path: str | Path) -> tuple["DlibFaceResNet", dict[str, str]]:
+        """The network from a copy written by ``tools/export_face_descriptor.py`` (any float dtype; computed in
+        float32), and the file's metadata (``source_sha256``: the ``.dat`` it was made from)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k).float() for k in f.keys()}
+        model = cls()
+        model.load_state_dict(state)
+        return model.frozen(), meta
+
+    def frozen(self) -> "DlibFaceResNet":
+        for p in self.parameters():
             p.requires_grad_(False)
-        return model.eval()
+        return self.eval()
