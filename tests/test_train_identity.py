@@ -21,6 +21,7 @@ from pipelines.train.losses import (
     face_geometry,
     identity_loss,
     identity_model,
+    identity_note,
     ms_ssim,
     perceptual_backend,
     perceptual_loss,
@@ -139,6 +140,14 @@ def test_face_geometry_projects_the_tracked_landmarks_and_finds_frontal_views():
     looser = face_geometry(FaceOnlyHead(), verts, c2w, normalized_intrinsics(batch=5), 512,
                            LossConfig(id_max_angle=60.0))
     assert looser.frontal.tolist() == [True, True, True, True, False]
+    # An embedding without the left eye's outer corner (MediaPipe 263): no L_id, and the run's notes say why.
+    partial = FaceOnlyHead()
+    keep = torch.tensor([i for i in range(478) if i != 263])
+    partial.landmarks = LandmarkEmbedding(keep, keep * 0, torch.zeros(477, 3))
+    assert face_geometry(partial, verts[:, keep], c2w, normalized_intrinsics(batch=5), 512, LossConfig()) is None
+    if identity_model("cpu") is not None:
+        assert "eye and mouth corners" in identity_note("cpu", partial)
+        assert identity_note("cpu", FaceOnlyHead()) is None
 
 
 def _loss_inputs(rgb: torch.Tensor, target: torch.Tensor) -> dict:

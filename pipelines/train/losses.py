@@ -227,38 +227,51 @@ class FaceGeometry:
     frontal: np.ndarray
 
 
+# iBUG points the frontal test needs (eye outer corners, mouth corners); they also anchor the chip alignment.
+FRONTAL_POINTS = (36, 45, 48, 54)
+
+
+def _ibug_rows(head) -> list[int] | None:
+    """For each iBUG-68 point, its row in ``head.landmarks_3d`` (-1 where the embedding lacks it); None when the head
+    has no embedding or lacks a point of ``FRONTAL_POINTS``."""
+    from ..preprocess.landmarks68 import MEDIAPIPE_TO_IBUG68
+
+    if getattr(head, "landmarks", None) is None:
+        return None
+    where = {int(m): i for i, m in enumerate(head.landmarks.mp_index.tolist())}
+    rows = [where.get(m, -1) for m in MEDIAPIPE_TO_IBUG68]
+    return None if any(rows[i] < 0 for i in FRONTAL_POINTS) else rows
+
+
 def face_geometry(head, verts: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, size: int,
                   cfg: LossConfig) -> FaceGeometry | None:
     """The tracked head's landmark vertices (posed ``verts`` (B, V, 3)) projected into the target views (c2w (B, 4,
-    4), normalized K (B, 3, 3), ``size`` px), as the 68 iBUG points; None without a landmark embedding.
+    4), normalized K (B, 3, 3), ``size`` px), as the 68 iBUG points; None when the head's landmark embedding is
+    missing or lacks the eye and mouth corners.
 
     Frontal: the normal of the face plane (posed eye outer corners and mouth corners) within ``cfg.id_max_angle``
     degrees of the direction from the face to the camera.
     """
     from ..core.camera import project_points, to_pixel_intrinsics, world_to_camera
-    from ..preprocess.landmarks68 import MEDIAPIPE_TO_IBUG68
 
-    if getattr(head, "landmarks", None) is None:
+    idx = _ibug_rows(head)
+    if idx is None:
         return None
     with torch.no_grad():
         lmk = head.landmarks_3d(verts)  # (B, L, 3) in the order of mp_index
-        where = {int(m): i for i, m in enumerate(head.landmarks.mp_index.tolist())}
-        idx = [where.get(m, -1) for m in MEDIAPIPE_TO_IBUG68]
         have = torch.tensor([i >= 0 for i in idx], device=verts.device)
         pts3 = lmk[:, [max(i, 0) for i in idx]]  # (B, 68, 3)
         uv, _ = project_points(pts3, world_to_camera(c2w), to_pixel_intrinsics(K, size, size))
         # Our pixel i covers [i, i + 1); dlib's pixel centres are on integers.
         points = torch.where(have[None, :, None], uv - 0.5, torch.full_like(uv, float("nan")))
-        frontal = _frontal(pts3, have, c2w, cfg.id_max_angle)
+        frontal = _frontal(pts3, c2w, cfg.id_max_angle)
     return FaceGeometry(points.double().cpu().numpy(), frontal.cpu().numpy())
 
 
-def _frontal(pts3: torch.Tensor, have: torch.Tensor, c2w: torch.Tensor, max_angle: float) -> torch.Tensor:
+def _frontal(pts3: torch.Tensor, c2w: torch.Tensor, max_angle: float) -> torch.Tensor:
     """(B,) True where the face plane's normal (eye outer corners 36, 45 and mouth corners 48, 54) is within
     ``max_angle`` degrees of the direction from the face to the camera centre."""
-    need = (36, 45, 48, 54)
-    if not bool(have[list(need)].all()):
-        return torch.zeros(pts3.shape[0], dtype=torch.bool, device=pts3.device)
+    need = FRONTAL_POINTS
     r_eye, l_eye, r_mouth, l_mouth = (pts3[:, i] for i in need)
     across = l_eye - r_eye  # subject's right -> left
     down = 0.5 * (r_mouth + l_mouth) - 0.5 * (r_eye + l_eye)
@@ -289,8 +302,9 @@ def identity_note(device: torch.device | str, head=None) -> str | None:
     model, why = _identity_or_reason(str(torch.device(device)))
     if model is None:
         return f"L_id skipped: the face descriptor cannot be loaded ({why})"
-    if head is not None and getattr(head, "landmarks", None) is None:
-        return f"L_id skipped: head model {getattr(head, 'name', '?')!r} has no landmark embedding to align faces on"
+    if head is not None and _ibug_rows(head) is None:
+        return (f"L_id skipped: head model {getattr(head, 'name', '?')!r} has no landmark embedding with the eye and "
+                "mouth corners to align faces on")
     return None
 
 
