@@ -21,6 +21,7 @@ differs by 1e-3 or more. The JSON holds every number, the markdown table the sum
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import shutil
@@ -172,7 +173,7 @@ def run(args) -> int:
     def csim_all(precise: bool = True):
         """uint8 frames on the host -> (N,) CSIM and (N, 128) descriptors on the device."""
         desc = torch.empty(len(frames), 128, device=device)
-        ctx = full_float32() if precise else torch.autocast("cpu", enabled=False)
+        ctx = full_float32() if precise else contextlib.nullcontext()
         with torch.no_grad(), ctx:
             for k, idx in groups.items():
                 x = host[k].to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
