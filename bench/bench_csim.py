@@ -218,7 +218,8 @@ def run(args) -> int:
             "dlib_cpu": info["dlib"]["ms_per_frame"] | {"all": None, "machine": info["dlib"]["machine"]},
             "speedup_end_to_end": dlib_ms / ours_ms,
         },
-        "per_frame": {"csim_ours": ours_csim.tolist(), "csim_dlib": ref_csim.tolist(), "descriptor_cosine": cos.tolist()},
+        "per_frame": {"csim_ours": ours_csim.tolist(), "csim_dlib": ref_csim.tolist(),
+                      "descriptor_cosine": cos.tolist()},
     }
     ok = cos.min() >= TOL_COS and d_csim.max() < TOL_CSIM
     result["pass"] = bool(ok)

@@ -153,8 +153,8 @@ def test_face_geometry_projects_the_tracked_landmarks_and_finds_frontal_views():
 def _loss_inputs(rgb: torch.Tensor, target: torch.Tensor) -> dict:
     B, K = rgb.shape[0], 8
     return dict(rgb=rgb, alpha=torch.ones(B, 1, *rgb.shape[-2:]), target=target,
-                matte=torch.ones(B, 1, *rgb.shape[-2:]), A=torch.rand(B, 14, K, K, generator=torch.Generator().manual_seed(0)),
-                delta_p=torch.zeros(B, 3, K, K),
+                matte=torch.ones(B, 1, *rgb.shape[-2:]),
+                A=torch.rand(B, 14, K, K, generator=torch.Generator().manual_seed(0)), delta_p=torch.zeros(B, 3, K, K),
                 valid=torch.ones(1, 1, K, K), eye_mask=torch.zeros(1, 1, K, K))
 
 

@@ -227,7 +227,8 @@ def _sample(src: torch.Tensor, affine: torch.Tensor, size: int, box: torch.Tenso
     interpolate_bilinear + black background on ``sub_image(img, box)``."""
     b, _, h, w = src.shape
     g = torch.arange(size, dtype=affine.dtype, device=affine.device)
-    cr = torch.stack(torch.meshgrid(g, g, indexing="xy") + (torch.ones(size, size, dtype=g.dtype, device=g.device),), -1)
+    ones = torch.ones(size, size, dtype=g.dtype, device=g.device)
+    cr = torch.stack(torch.meshgrid(g, g, indexing="xy") + (ones,), -1)  # (size, size, 3): c, r, 1
     xy = torch.einsum("bij,rcj->brci", affine, cr)  # (B, size, size, 2) pixel coordinates in src
     if box is None:
         box = torch.tensor([0, 0, w - 1, h - 1], dtype=affine.dtype, device=affine.device).expand(b, 4)
