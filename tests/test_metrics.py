@@ -354,6 +354,28 @@ def test_csim_of_an_image_with_itself_is_one(astronaut):
     assert idm.card.licence.startswith("models CC0")
 
 
+def test_csim_equals_dlibs_own_descriptors(astronaut):
+    """evaluate's CSIM (our port of dlib's network on our chips) = dlib's compute_face_descriptor on the same 5
+    points, within 1e-3."""
+    idm = identity_or_skip()
+    dlib = pytest.importorskip("dlib")
+    assert "5-point shape predictor" in idm.card.name
+    frames = np.stack([shift(astronaut, 3, 2), np.clip(astronaut * 0.8 + 0.1, 0, 1), astronaut[:, ::-1]])
+    res = compute_metrics(frames, source=astronaut, which={"csim"})
+    rec = dlib.face_recognition_model_v1(str(idm.net.path))
+
+    def dlib_descriptor(img):
+        rgb = M.to_uint8(img)
+        pts = idm.points(rgb, M.face_mesh()(rgb))
+        shape = dlib.full_object_detection(dlib.rectangle(0, 0, 1, 1), [dlib.point(int(x), int(y)) for x, y in pts])
+        return np.asarray(rec.compute_face_descriptor(rgb, shape, 0))
+
+    src = dlib_descriptor(astronaut)
+    ref = [float(d @ src / np.linalg.norm(d) / np.linalg.norm(src)) for d in map(dlib_descriptor, frames)]
+    assert np.abs(res.per_frame["csim"] - ref).max() < 1e-3
+    assert min(ref) < 0.999  # the frames do differ
+
+
 @pytest.mark.shared
 def test_csim_is_lower_for_two_different_people():
     identity_or_skip()
@@ -369,7 +391,7 @@ def test_csim_is_lower_for_two_different_people():
 
 
 def test_missing_models_and_faces_are_reported_not_numbers(astronaut, monkeypatch):
-    def no_identity_model():
+    def no_identity_model(*args):
         raise M.ModelUnavailable("dlib is not installed (simulated)")
 
     monkeypatch.setattr(M, "identity_model", no_identity_model)

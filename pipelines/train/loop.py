@@ -50,15 +50,16 @@ from .config import TrainConfig
 from .data import find_items, load_clips, load_val_clip, make_batch, rank_plans, resize_images, split_items
 from .distributed import all_ranks_int, any_rank, from_main, mean_over_ranks, setup
 from .forward import predict_avatar, render_rig
-from .losses import compute_losses, perceptual_backend, warn_skipped_terms
+from .losses import compute_losses, face_geometry, perceptual_backend, warn_skipped_terms
 from .mirror import HeadMirror
 from .plot import plot_losses, read_log
 from .validate import comparison_grid, validate_baseline, validate_network
 
-LOSS_TERMS = ("l1", "perceptual", "alpha", "aux_perceptual", "aux_alpha", "3d", "eye", "pos", "shape", "shape_tv")
+LOSS_TERMS = ("l1", "perceptual", "alpha", "id", "aux_perceptual", "aux_alpha", "3d", "eye", "pos", "shape",
+              "shape_tv")
 LOG_COLUMNS = ("step", "lr", "total", *LOSS_TERMS, "grad_norm", "sec_per_step")
 VAL_COLUMNS = ("step", "clip", "method", "psnr", "ssim", "frames")
-PLOT_TERMS = ["total", "l1", "perceptual", "alpha", "aux_perceptual", "3d", "eye", "pos", "shape_tv"]
+PLOT_TERMS = ["total", "l1", "perceptual", "alpha", "id", "aux_perceptual", "3d", "eye", "pos", "shape_tv"]
 
 Progress = Callable[[int, int, dict], None] | None
 
@@ -208,8 +209,8 @@ def train(
                 (out / f).unlink(missing_ok=True)
 
     notes = {
-        "perceptual": perceptual_backend(),
-        "skipped": warn_skipped_terms() if main_proc else [],
+        "perceptual": perceptual_backend(cfg.loss),
+        "skipped": warn_skipped_terms(cfg.loss, head, device) if main_proc else [],
         "novel_views": "3D reconstruction mode supervises the frame itself only: the paper's inverted PanoHead "
                        "novel views need PanoHead + its inversion, which are not available",
         "flip": "enabled" if mirror is not None else f"disabled: {mirror_note}",
@@ -286,8 +287,10 @@ def train(
         aux = render_rig(pred.rig(head, uv, aux=True), verts_t, batch.tgt_c2w, batch.K, size, backend=backend)
         target = resize_images(batch.tgt_img, size)
         matte = resize_images(batch.tgt_matte, size)
+        face = face_geometry(head, verts_t, batch.tgt_c2w, batch.K, size, cfg.loss) if weights["id"] > 0 else None
         total, terms = compute_losses(main.rgb, main.alpha, target, matte, cfg.loss, weights, pred.A, pred.delta_p,
-                                      valid, eye_mask, i3d=main.positions, rgb_aux=aux.rgb, alpha_aux=aux.alpha)
+                                      valid, eye_mask, i3d=main.positions, rgb_aux=aux.rgb, alpha_aux=aux.alpha,
+                                      face=face)
         finite = bool(torch.isfinite(total))
         if any_rank([not finite], dinfo, device)[0]:  # every rank raises, none waits in the all-reduce
             where = "" if finite else f": { {k: float(v) for k, v in terms.items()} }"
