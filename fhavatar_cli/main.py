@@ -70,6 +70,13 @@ def parse_color(text: str) -> tuple[float, float, float]:
 
 
 RENDERER_HELP = "Gaussian renderer: auto (gsplat on CUDA, else the PyTorch reference), gsplat or torch."
+REFINE_HELP = ("Fit each avatar to its source view: N Adam steps, or auto (a measured number on CUDA, 0 on the CPU). "
+               "Default: ReconstructConfig's (pipelines/reconstruct.py).")
+
+
+def _given(**options) -> dict:
+    """The options the user set (None = not given), so that the config dataclasses keep their own defaults."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 @app.command()
@@ -247,7 +254,7 @@ def reconstruct(
     weights: Optional[str] = typer.Option(None, help="Network checkpoint (.safetensors); 'random' = untrained. "
                                           "Default: $FHAVATAR_WEIGHTS, then weights/fhavatar_default.safetensors."),
     prior: str = typer.Option("builtin", help="Global prior: builtin or panohead (user-supplied checkpoint)."),
-    refine_steps: int = typer.Option(0, help="Fine-tune the predicted maps on the source view for N steps."),
+    refine_steps: Optional[str] = typer.Option(None, help=REFINE_HELP),
     source_frame: int = typer.Option(0, help="Which frame of a video is the source."),
     uv_size: int = typer.Option(256, help="UV map size K."),
     ply: bool = typer.Option(False, "--ply", help="Also export a standard 3DGS .ply."),
@@ -265,8 +272,8 @@ def reconstruct(
 
     ui = State.ui
     try:
-        cfg = ReconstructConfig(method=method, uv_size=uv_size, source_frame=source_frame, refine_steps=refine_steps,
-                                weights=weights, prior=prior).validate()
+        cfg = ReconstructConfig(method=method, uv_size=uv_size, source_frame=source_frame, weights=weights,
+                                prior=prior, **_given(refine_steps=refine_steps)).validate()
         items = _select(inputs, IMAGE_EXTS + VIDEO_EXTS, shard)
         ensure_dir(out)
         dev = resolve_device(device)
@@ -418,7 +425,7 @@ def evaluate(
     max_frames: Optional[int] = typer.Option(None, help="Frames kept per video, the source frame included."),
     stride: int = typer.Option(1, help="Keep every n-th frame of each video."),
     uv_size: int = typer.Option(256, help="UV map size K (network / unproject)."),
-    refine_steps: int = typer.Option(0, help="Fine-tune each avatar on its source view for N steps."),
+    refine_steps: Optional[str] = typer.Option(None, help=REFINE_HELP),
     merge: bool = typer.Option(False, "--merge", help="Only merge the shards' per-video results into the report."),
     renderer: str = typer.Option("auto", help=RENDERER_HELP),
     head_model: str = typer.Option("auto", help="auto, flame or embedded."),
@@ -440,7 +447,7 @@ def evaluate(
             metrics=[m.strip() for m in metrics.split(",")] if metrics else None, foreground=not full_frame,
             size=size, max_frames=max_frames, stride=stride, shard=shard, merge_only=merge, device=dev,
             renderer=renderer, head_model=head_model, force=force, progress=lambda msg: advance(1),
-            on_result=ui.item, reconstruct_options={"uv_size": uv_size, "refine_steps": refine_steps},
+            on_result=ui.item, reconstruct_options={"uv_size": uv_size, **_given(refine_steps=refine_steps)},
         )
     if code in (EXIT_USAGE, EXIT_WEIGHTS):
         ui.error(text)

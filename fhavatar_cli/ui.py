@@ -55,20 +55,34 @@ class UI:
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int | None) -> Iterator:
-        """Yields ``advance(n)``; a rich bar for people, periodic JSON events with --log-json, nothing with --quiet."""
+        """Yields ``advance(n, total=None, status=None)``; a rich bar for people, periodic JSON events with
+        --log-json, nothing with --quiet. A new ``total`` restarts the count for a new phase of the task (e.g. the
+        refinement steps after preprocessing); ``status`` is a short text beside the bar (e.g. a loss)."""
         if self.quiet or self.log_json:
-            state = {"done": 0, "last": 0.0}
+            state = {"done": 0, "last": 0.0, "total": total, "status": None}
 
-            def advance(n: int = 1) -> None:
+            def advance(n: int = 1, total: int | None = None, status: str | None = None) -> None:
+                if total is not None and total != state["total"]:
+                    state["done"], state["total"] = 0, total
                 state["done"] += n
+                state["status"] = status if status is not None else state["status"]
                 if self.log_json and time.time() - state["last"] > 5.0:
                     state["last"] = time.time()
-                    self.event("progress", task=description, done=state["done"], total=total)
+                    extra = {"status": state["status"]} if state["status"] else {}
+                    self.event("progress", task=description, done=state["done"], total=state["total"], **extra)
 
             yield advance
             return
         cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TimeRemainingColumn()]
+                TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
         with Progress(*cols, console=self.out, transient=False) as p:
-            task = p.add_task(description, total=total)
-            yield lambda n=1: p.advance(task, n)
+            task = p.add_task(description, total=total, status="")
+            length = {"total": total}
+
+            def advance(n: int = 1, total: int | None = None, status: str | None = None) -> None:
+                if total is not None and total != length["total"]:
+                    length["total"] = total
+                    p.reset(task, total=total)
+                p.update(task, advance=n, **({"status": status} if status is not None else {}))
+
+            yield advance

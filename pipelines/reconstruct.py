@@ -1,18 +1,22 @@
 """``fhavatar reconstruct``: a preprocessed source frame -> the avatar artifact.
 
 Methods:
-    network    the FHAvatar network (sections 3.3-3.4) with weights from ``weights/`` (default) or ``--weights``;
-               optional ``--refine-steps N`` fine-tunes the predicted maps on the source view.
+    network    the FHAvatar network (sections 3.3-3.4) with weights from ``weights/`` (default) or ``--weights``.
     unproject  no network: each visible texel takes the source colour it projects to, invisible texels the colour
                of their mirrored texel (UV symmetry) or the mean colour of their region. The baseline of the
                training issue, and a useful fallback.
     template   the UV-layout template (no image needed): for checks of the head model and renderer.
+
+``refine_steps`` N > 0 then fits the network's or the unprojected maps to the source view (``pipelines.refine``);
+"auto" means ``RefineConfig.auto_steps`` on CUDA and 0 on the CPU.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,9 +24,9 @@ import torch.nn.functional as F
 
 from .avatar.artifact import Avatar
 from .avatar.maps import ATTRIBUTE_SLICES, REGION_COLORS, template_maps
-from .core.camera import world_to_camera
 from .errors import ConfigError, InputError
 from .head.base import REGIONS, HeadModel, HeadParams
+from .refine import RefineConfig, refine_maps, seen_by_source
 from .uv.space import UVSpace, uv_layout_digest
 
 METHODS = ("network", "unproject", "template")
@@ -33,17 +37,34 @@ class ReconstructConfig:
     method: str = "network"
     uv_size: int = 256  # K
     source_frame: int = 0  # which preprocessed frame is the source (videos)
-    refine_steps: int = 0
-    refine_lr: float = 1e-2
+    refine_steps: int | str = 0  # Adam steps of source-view refinement; "auto": refine.auto_steps on CUDA, 0 on CPU
     weights: str | None = None  # checkpoint path; default: the embedded default weights
     prior: str = "builtin"
+    refine: RefineConfig = field(default_factory=RefineConfig)  # how refinement fits (losses, step sizes, schedule)
 
     def validate(self) -> "ReconstructConfig":
         if self.method not in METHODS:
             raise ConfigError(f"--method '{self.method}' is not one of {', '.join(METHODS)}")
         if self.uv_size < 16 or self.uv_size & (self.uv_size - 1):
             raise ConfigError(f"--uv-size {self.uv_size} must be a power of two >= 16")
+        steps = self.refine_steps
+        if isinstance(steps, str) and steps.strip().isdigit():
+            self.refine_steps = steps = int(steps)
+        if steps != "auto" and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
+            raise ConfigError(f"--refine-steps '{steps}' is neither a number of steps (>= 0) nor auto")
+        if self.method == "template" and steps not in (0, "auto"):
+            raise ConfigError("--refine-steps needs an image to fit, and --method template uses none",
+                              "use --method network or unproject")
+        self.refine.validate()
         return self
+
+    def for_device(self, device: str | torch.device) -> "ReconstructConfig":
+        """This config with ``refine_steps`` "auto" made a number for ``device``: ``refine.auto_steps`` on CUDA (a
+        few seconds there), 0 on the CPU (minutes there) and for the template. Stage settings hold the number."""
+        if self.refine_steps != "auto":
+            return self
+        cuda = torch.device(device).type == "cuda" and self.method != "template"
+        return dataclasses.replace(self, refine_steps=self.refine.auto_steps if cuda else 0)
 
 
 @dataclass
@@ -92,20 +113,9 @@ def unproject_maps(source: SourceFrame, head: HeadModel, uv: UVSpace) -> torch.T
     colour; the rest take the colour of their mirror texel (u -> 1 - u) when that one is visible, else the mean
     visible colour of their region (default palette colours when a region is unseen).
     """
-    from .network.local import project_position_map, visibility_mask
-
     device = source.image.device
-    verts = head(source.params)  # posed, world
-    p = uv.position_map(verts, head.faces)  # (1, 3, K, K)
-    valid = uv.valid[None, None].float()
-    w2c = world_to_camera(source.c2w[None])
-    H = source.image.shape[-1]
-    vis = visibility_mask(p, valid, w2c, source.K[None], H)  # (1, 1, K, K)
-    proj, _ = project_position_map(p, w2c, source.K[None])  # (1, K, K, 2) in [0,1]? (normalized image coords)
-    grid = proj * 2 - 1
+    seen, grid = seen_by_source(source, head, uv)  # (1, 1, K, K), (1, K, K, 2)
     color = F.grid_sample(source.image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
-    alpha = F.grid_sample(source.matte[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    seen = (vis > 0.5) & (alpha > 0.5)
     mirror_seen = uv.flip(seen) & ~seen
     color = torch.where(seen, color, torch.where(mirror_seen, uv.flip(color), torch.zeros_like(color)))
     filled = seen | mirror_seen
@@ -125,22 +135,29 @@ def unproject_maps(source: SourceFrame, head: HeadModel, uv: UVSpace) -> torch.T
 
 # ---------------------------------------------------------------------------------------------------------- driver
 def reconstruct(source: SourceFrame, head: HeadModel, uv: UVSpace, cfg: ReconstructConfig,
-                head_kind: str, net=None) -> Avatar:
-    """Build the avatar of one source frame with ``cfg.method``."""
+                head_kind: str, net=None, progress: Callable[..., None] | None = None) -> Avatar:
+    """Build the avatar of one source frame with ``cfg.method``, then refine it on the source view when
+    ``cfg.refine_steps`` asks (``progress`` is called once per refinement step, see ``refine.refine_maps``)."""
+    device = source.image.device
+    cfg = cfg.for_device(device)
     K = uv.size
-    delta_p = torch.zeros(1, 3, K, K)
+    delta_p = torch.zeros(1, 3, K, K, device=device)
     meta: dict = {"method": cfg.method, "config": asdict(cfg)}
     with torch.no_grad():
         if cfg.method == "template":
-            maps = template_maps(uv)
+            maps = template_maps(uv).to(device)
         elif cfg.method == "unproject":
             maps = unproject_maps(source, head, uv)
         else:
-            from .network.inference import predict_maps
+            from .network.inference import predict_avatar
 
-            maps, delta_p, info = predict_maps(net, source, head, uv, refine_steps=cfg.refine_steps,
-                                               refine_lr=cfg.refine_lr)
-            meta.update(info)
+            pred = predict_avatar(net, head, uv, source.image[None], source.params, source.c2w[None], source.K[None])
+            maps, delta_p = pred.A, pred.delta_p_canonical
+            meta["visible_fraction"] = pred.visible_fraction(uv)
+    if cfg.refine_steps:
+        # Outside no_grad: refinement differentiates the renders with respect to the maps.
+        maps, meta["refine"] = refine_maps(maps, delta_p, source, head, uv, cfg.refine_steps, cfg.refine,
+                                           progress=progress)
     params = {k: v.detach().cpu().numpy() for k, v in source.params.to_dict().items() if k != "shape"}
     return Avatar(
         maps=maps[0].detach().cpu().numpy(),

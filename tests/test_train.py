@@ -314,6 +314,18 @@ def test_three_steps_log_finite_losses_and_write_outputs(dataset, head, tmp_path
     assert net.config.uv_size == 32
 
 
+def test_shared_prediction_path_leaves_the_training_numbers_unchanged(dataset, head, tmp_path, cache_env):
+    """Training predicts with ``network.inference.predict_avatar``, the function reconstruction uses. The first two
+    steps of the tiny run give the losses and validation recorded with training's own copy before it was shared."""
+    train(tiny_config(), [dataset], tmp_path / "run", head=head, stop_at_step=2)
+    rows = read_csv(tmp_path / "run" / "train_log.csv")
+    assert [float(r["total"]) for r in rows] == pytest.approx([0.5510190725326538, 0.6494495272636414], rel=1e-5)
+    assert [float(r["l1"]) for r in rows] == pytest.approx([0.10488516837358475, 0.0987275168299675], rel=1e-5)
+    val = {r["method"]: float(r["psnr"]) for r in read_csv(tmp_path / "run" / "val.csv")}
+    assert val == pytest.approx({"baseline": 19.629070835164292, "untrained": 14.474329294706077,
+                                 "network": 14.650556633368328}, rel=1e-5)
+
+
 def test_resume_continues_exactly_like_an_uninterrupted_run(dataset, head, tmp_path, cache_env):
     cfg = tiny_config(val_every=0, data=DataConfig(val_items=("held_out",), val_frames=1))
     whole = train(cfg, [dataset], tmp_path / "whole", head=head, stop_at_step=3)

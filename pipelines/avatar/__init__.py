@@ -2,7 +2,7 @@
 
 from .artifact import Avatar, load_avatar, save_avatar
 from .binding import AvatarRig, Gaussians
-from .maps import ATTRIBUTE_SLICES, NUM_ATTRIBUTES, template_maps
+from .maps import ATTRIBUTE_DIMS, ATTRIBUTE_SLICES, NUM_ATTRIBUTES, split_attributes, template_maps
 
-__all__ = ["Avatar", "AvatarRig", "Gaussians", "ATTRIBUTE_SLICES", "NUM_ATTRIBUTES", "load_avatar", "save_avatar",
-           "template_maps"]
+__all__ = ["Avatar", "AvatarRig", "Gaussians", "ATTRIBUTE_DIMS", "ATTRIBUTE_SLICES", "NUM_ATTRIBUTES", "load_avatar",
+           "save_avatar", "split_attributes", "template_maps"]

@@ -277,6 +277,7 @@ def evaluate(
 
     cfg = (cfg or EvalConfig()).validate()
     recon = dataclasses.replace(recon_cfg or ReconstructConfig(method="network"), source_frame=0).validate()
+    recon = recon.for_device(device)  # "auto" refinement -> this device's number of steps
     bad = [str(v) for v in videos if Path(v).suffix.lower() not in VIDEO_EXTS]
     if bad:
         raise InputError(f"evaluation inputs must be videos, got '{bad[0]}'", f"pass {', '.join(VIDEO_EXTS)} files")
@@ -548,7 +549,7 @@ def run_evaluate(
     Args:
         inputs: video files, folders, globs or ``@list.txt`` (``pipelines.store.expand_inputs``).
         shard: "i/n", (i, n) or None (from the scheduler's environment, else unsharded).
-        reconstruct_options: further ``ReconstructConfig`` fields (uv_size, refine_steps, prior).
+        reconstruct_options: further ``ReconstructConfig`` fields (uv_size, refine_steps (a number or "auto"), prior).
         config: further ``EvalConfig`` fields (csim_reference, pair_offset, lpips_net, keypoints, chunk, ...).
     Returns:
         (text, exit status): the markdown table(s), or the one-line error; 0 all videos evaluated, 1 some failed or
@@ -565,8 +566,8 @@ def run_evaluate(
         unknown = sorted(set(extra) - {f.name for f in dataclasses.fields(ReconstructConfig)})
         if unknown or "source_frame" in extra:
             raise ConfigError(f"reconstruct option(s) {', '.join(unknown or ['source_frame'])} not accepted",
-                              "use uv_size, refine_steps, refine_lr, prior (the source is always frame 0)")
-        recon = ReconstructConfig(method=method, weights=weights, **extra).validate()
+                              "use uv_size, refine_steps, refine, prior (the source is always frame 0)")
+        recon = ReconstructConfig(method=method, weights=weights, **extra).validate().for_device(device)
         videos = expand_inputs([str(i) for i in inputs], VIDEO_EXTS)
         i, n = shard if isinstance(shard, tuple) else parse_shard(shard)
         pairs = plan_pairs(videos, cfg.protocol, cfg.pair_offset)

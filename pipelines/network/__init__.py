@@ -1,6 +1,6 @@
 """The FHAvatar network (paper sections 3.3-3.4 and B) as pure-tensor PyTorch modules."""
 
-from .config import ATTRIBUTE_DIMS, NetworkConfig, attribute_slices
+from .config import NetworkConfig
 from .decoder import AttributeActivation, UVDecoder, split_attributes
 from .encoders import ImageEncoder, UVEncoder
 from .fusion import FusionBlock, ScaleFusion, WindowCrossAttention, gather_windows, symmetric_fill
@@ -12,7 +12,7 @@ from .prior import (BuiltinPrior, GlobalPrior, PanoHeadPrior, PriorState, build_
 from .unet import RefineUNet
 
 __all__ = [
-    "ATTRIBUTE_DIMS", "NetworkConfig", "attribute_slices",
+    "NetworkConfig",
     "AttributeActivation", "UVDecoder", "split_attributes",
     "ImageEncoder", "UVEncoder",
     "FusionBlock", "ScaleFusion", "WindowCrossAttention", "gather_windows", "symmetric_fill",

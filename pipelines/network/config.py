@@ -19,20 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..avatar.maps import NUM_ATTRIBUTES
 from ..core.camera import PANOHEAD_UNITS_PER_METRE
 from ..errors import ConfigError
-
-# Channel layout of the UV Gaussian attribute map A (section 3.2): 3 + 4 + 3 + 1 + 3 = 14.
-ATTRIBUTE_DIMS: dict[str, int] = {"color": 3, "rotation": 4, "scale": 3, "opacity": 1, "offset": 3}
-
-
-def attribute_slices() -> dict[str, slice]:
-    """Channel slice of each attribute inside A (B, 14, K, K), in ``ATTRIBUTE_DIMS`` order."""
-    out, start = {}, 0
-    for name, d in ATTRIBUTE_DIMS.items():
-        out[name] = slice(start, start + d)
-        start += d
-    return out
 
 
 @dataclass
@@ -120,7 +109,8 @@ class NetworkConfig:
 
     @property
     def attribute_dim(self) -> int:
-        return sum(ATTRIBUTE_DIMS.values())
+        """Channels of the attribute maps A: the avatar's layout (``pipelines.avatar.maps.ATTRIBUTE_DIMS``)."""
+        return NUM_ATTRIBUTES
 
     def uv_resolution(self, i: int) -> int:
         """K_i = K / 2^(N - i): UV resolution of scale i (1-based, 1 = coarsest)."""

@@ -8,17 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..avatar.maps import ATTRIBUTE_SLICES, NUM_ATTRIBUTES, split_attributes  # noqa: F401 - split_attributes re-exported
 from .blocks import ResBlock, Upsample, group_norm
-from .config import ATTRIBUTE_DIMS, NetworkConfig, attribute_slices
-
-
-def split_attributes(A: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A (B, 14, K, K) -> {"color": (B, 3, K, K), "rotation": (B, 4, ...), "scale", "opacity", "offset"}."""
-    return {name: A[:, s] for name, s in attribute_slices().items()}
+from .config import NetworkConfig
 
 
 class AttributeActivation(nn.Module):
-    """Raw decoder output (B, 14, K, K) -> valid Gaussian attributes (same layout, ``ATTRIBUTE_DIMS`` order).
+    """Raw decoder output (B, 14, K, K) -> valid Gaussian attributes (the avatar's layout, ``ATTRIBUTE_SLICES``).
 
     * color: sigmoid, in (0, 1) (0.5 at init);
     * rotation: unit quaternion (w, x, y, z), raw + (1, 0, 0, 0) normalized, so ~identity at init;
@@ -30,7 +26,7 @@ class AttributeActivation(nn.Module):
 
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__()
-        self.slices = attribute_slices()
+        self.slices = ATTRIBUTE_SLICES
         self.scale_bias = math.log(math.expm1(cfg.init_scale_texels))  # softplus^-1
         self.opacity_bias = math.log(cfg.init_opacity / (1.0 - cfg.init_opacity))  # logit
         self.max_scale = cfg.max_scale_texels
@@ -61,7 +57,7 @@ class UVDecoder(nn.Module):
         self.stem = ResBlock(ch[0])
         self.ups = nn.ModuleList(Upsample(ch[i - 1], ch[i]) for i in range(1, N))
         self.blocks = nn.ModuleList(ResBlock(ch[i]) for i in range(1, N))
-        self.head = nn.Sequential(group_norm(ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], sum(ATTRIBUTE_DIMS.values()), 3, padding=1))
+        self.head = nn.Sequential(group_norm(ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], NUM_ATTRIBUTES, 3, padding=1))
         with torch.no_grad():  # small raw outputs: start at the activations' chosen initial values
             self.head[-1].weight.mul_(0.1)
             self.head[-1].bias.zero_()

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..avatar.maps import ATTRIBUTE_SLICES
 from .config import LossConfig
 
 # Multi-scale SSIM's scale weights (Wang, Simoncelli & Bovik 2003), finest scale first.
@@ -380,7 +381,7 @@ def compute_losses(
     # Without I_3d (not rendered while λ_3d is 0) the term is logged as 0 like every other inactive term.
     add("3d", weights["3d"] if i3d is not None else 0.0, lambda: position_tv(i3d, alpha, cfg, matte))
     add("eye", weights["eye"], lambda: total_variation(A, eye_mask))
-    add("pos", weights["pos"], lambda: offset_norm(A[:, 11:14], valid))
+    add("pos", weights["pos"], lambda: offset_norm(A[:, ATTRIBUTE_SLICES["offset"]], valid))
     add("shape", weights["shape"], lambda: shape_hinge(delta_p, valid, cfg.epsilon))
     add("shape_tv", weights["shape_tv"], lambda: total_variation(delta_p, valid))
     terms["total"] = total.detach()
