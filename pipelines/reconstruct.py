@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from .avatar.artifact import Avatar
+from .avatar.head import head_record
 from .avatar.maps import ATTRIBUTE_SLICES, REGION_COLORS, template_maps
 from .errors import ConfigError, InputError
 from .head.base import REGIONS, HeadModel, HeadParams
 from .refine import RefineConfig, refine_maps, seen_by_source
-from .uv.space import UVSpace, uv_layout_digest
+from .uv.space import UVSpace
 
 METHODS = ("network", "unproject", "template")
 
@@ -135,7 +136,7 @@ def unproject_maps(source: SourceFrame, head: HeadModel, uv: UVSpace) -> torch.T
 
 # ---------------------------------------------------------------------------------------------------------- driver
 def reconstruct(source: SourceFrame, head: HeadModel, uv: UVSpace, cfg: ReconstructConfig,
-                head_kind: str, net=None, progress: Callable[..., None] | None = None) -> Avatar:
+                net=None, progress: Callable[..., None] | None = None) -> Avatar:
     """Build the avatar of one source frame with ``cfg.method``, then refine it on the source view when
     ``cfg.refine_steps`` asks (``progress`` is called once per refinement step, see ``refine.refine_maps``)."""
     device = source.image.device
@@ -166,6 +167,6 @@ def reconstruct(source: SourceFrame, head: HeadModel, uv: UVSpace, cfg: Reconstr
         source_params=params,
         source_K=source.K.cpu().numpy(),
         source_c2w=source.c2w.cpu().numpy(),
-        head_model={"kind": head_kind, "name": head.name, "digest": uv_layout_digest(head)},
+        head_model=head_record(head),
         meta=meta,
     )

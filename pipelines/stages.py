@@ -159,7 +159,7 @@ def reconstruct_item(spec: Path, out: Path, head, cfg, device: str = "cpu", net_
         uv = load_or_build_uv_space(head, UVConfig(size=cfg.uv_size), device=device)
         source = load_source(pp, cfg.source_frame).to(device)
         net = net_loader(cfg) if (cfg.method == "network" and net_loader) else None
-        avatar = reconstruct(source, head, uv, cfg, head.kind, net, progress=progress)
+        avatar = reconstruct(source, head, uv, cfg, net, progress=progress)
         avatar.meta.update({"input": str(spec), "weights_sha256": weights_hash})
         save_avatar(folder / "avatar.npz", avatar)
         files = ["avatar.npz"]

@@ -101,8 +101,8 @@ def test_reconstruct_refines_a_network_avatar_instead_of_failing(head, source):
     net = load_network("random", config=NetworkConfig.tiny())
     uv = build_uv_space(head, UVConfig(size=32, **SPARSE))
     src = resized(source, SIZE)
-    plain = reconstruct(src, head, uv, ReconstructConfig(method="network", uv_size=32), "embedded", net)
-    refined = reconstruct(src, head, uv, ReconstructConfig(method="network", uv_size=32, refine_steps=4), "embedded",
+    plain = reconstruct(src, head, uv, ReconstructConfig(method="network", uv_size=32), net)
+    refined = reconstruct(src, head, uv, ReconstructConfig(method="network", uv_size=32, refine_steps=4),
                           net)
     assert np.abs(refined.maps - plain.maps).max() > 1e-3
     rep = refined.meta["refine"]
