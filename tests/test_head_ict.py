@@ -252,3 +252,13 @@ def test_rendered_open_smile_shows_teeth_in_the_mouth(head, uv256):
     green = [((f.rgb[..., 1].astype(int) - f.rgb[..., 0]) > 80).sum() for f in frames]
     assert green[0] < 5  # closed, neutral mouth: no teeth
     assert green[1] > 300  # smiling: a band of teeth (~4 % of the frame)
+
+
+def test_model_is_its_own_mirror_image_so_training_can_flip(head):
+    """Template, expression pairs, identity prior and rig are made exactly symmetric: the flip augmentation's
+    mirrored parameters pose to the mirrored mesh."""
+    from pipelines.train.mirror import HeadMirror
+
+    mirror, why = HeadMirror.build(head)
+    assert mirror is not None, why
+    assert mirror.error < 1e-4

@@ -116,8 +116,37 @@ def read_matte(path: Path, size: int) -> np.ndarray:
     return _read_image(path, size, "L")
 
 
+PACKED_VIDEOS = ("frames.mp4", "mattes.mp4")  # a packed item's frames and mattes as videos (see train/pack.py)
+
+
+def read_video_frames(path: Path, size: int, grey: bool = False) -> list[np.ndarray]:
+    """All frames of a packed video, resized to ``size``: (size, size, 3) RGB or (size, size) uint8 each.
+
+    OpenCV decodes it (it is on the GPU machines, where the packed data is meant to be read).
+    """
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    out = []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        if bgr.shape[:2] != (size, size):
+            bgr = cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA)
+        out.append(bgr[..., 1].copy() if grey else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    cap.release()
+    if not out:
+        raise InputError(f"'{path}' has no readable frames", "re-pack the data (tools/pack_training_data.py)")
+    return out
+
+
 class Clip:
-    """One preprocessed clip at a fixed image size: tracking, the usable (tracked) frames, cached pixels."""
+    """One preprocessed clip at a fixed image size: tracking, the usable (tracked) frames, cached pixels.
+
+    Frames come from ``frames/``/``mattes/`` images, or from a packed item's ``frames.mp4``/``mattes.mp4`` (frame
+    t of the tracking is frame t of the videos; always preloaded).
+    """
 
     def __init__(self, folder: Path, size: int, preload: bool = True) -> None:
         self.folder = Path(folder)
@@ -129,7 +158,15 @@ class Clip:
         self.K = torch.as_tensor(np.asarray(self.tracking.K), dtype=torch.float32)
         self.c2w = torch.as_tensor(np.asarray(self.tracking.c2w), dtype=torch.float32)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        if preload:
+        if (self.folder / PACKED_VIDEOS[0]).is_file():
+            rgb = read_video_frames(self.folder / PACKED_VIDEOS[0], size)
+            matte = read_video_frames(self.folder / PACKED_VIDEOS[1], size, grey=True)
+            T = len(self.tracking.status)
+            if len(rgb) != T or len(matte) != T:
+                raise InputError(f"'{self.folder}': {len(rgb)} frames / {len(matte)} mattes for {T} tracked frames",
+                                 "re-pack the data (tools/pack_training_data.py)")
+            self._cache = {int(t): (rgb[t], matte[t]) for t in self.frames}
+        elif preload:
             for t in self.frames:
                 self.pixels(int(t))
 

@@ -45,11 +45,21 @@ class Item:
 
 
 def mirror_vertices(verts: np.ndarray, tolerance: float = 1e-3) -> np.ndarray:
-    """(V,) index of each vertex's mirror image (x -> -x); raises if the mesh is not symmetric within ``tolerance``
-    (metres)."""
-    dist, idx = cKDTree(verts).query(verts * np.array([-1.0, 1.0, 1.0]))
+    """(V,) index of each vertex's mirror image (x -> -x), an involution (mirror[mirror[v]] == v); raises if the mesh
+    is not symmetric within ``tolerance`` (metres). Vertices whose nearest mirror points do not pair up (near-
+    coincident ones) are paired by an optimal assignment among themselves."""
+    from scipy.optimize import linear_sum_assignment
+
+    flipped = verts * np.array([-1.0, 1.0, 1.0])
+    dist, idx = cKDTree(verts).query(flipped)
     if dist.max() > tolerance:
         raise ValueError(f"mesh is not mirror-symmetric: a vertex is {dist.max() * 1e3:.2f} mm from any mirror image")
+    loose = np.flatnonzero(idx[idx] != np.arange(len(idx)))
+    if len(loose):
+        loose = np.union1d(loose, idx[loose])
+        cost = np.linalg.norm(flipped[loose][:, None] - verts[loose][None], axis=-1)
+        rows, cols = linear_sum_assignment(cost)
+        idx[loose[rows]] = loose[cols]
     return idx
 
 

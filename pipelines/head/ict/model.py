@@ -31,7 +31,16 @@ import torch
 from ..base import PARENTS, REGIONS, HeadModel, LandmarkEmbedding
 from .asset import IctAsset, load_asset
 from .layout import Item, mirror_island, mirror_vertices, split_halves, symmetric_atlas, uv_islands
-from .rig import fit_hinge, fit_sphere, jaw_corrective, jaw_weights, joint_regressor, neck_blend
+from .rig import (
+    S_MIRROR,
+    fit_hinge,
+    fit_sphere,
+    jaw_corrective,
+    jaw_weights,
+    joint_regressor,
+    neck_blend,
+    symmetrize_shapes,
+)
 
 EYE_Z = 0.069  # eyes in front of the origin (metres), as the embedded head
 GAZE_SHAPES = ("eyeLookDown_L", "eyeLookDown_R", "eyeLookIn_L", "eyeLookIn_R", "eyeLookOut_L", "eyeLookOut_R",
@@ -141,8 +150,9 @@ def build_ict_head(config: IctHeadConfig = IctHeadConfig(), path: str | Path | N
     """All arrays of the ICT head model (numpy, float64), deterministic for a given asset and config."""
     a = load_asset(path)
     names = list(a.expression_names)
-    verts = a.neutral.copy()
-    mirror = mirror_vertices(verts)
+    mirror = mirror_vertices(a.neutral)
+    neutral, identity, expression = symmetrize_shapes(a.neutral, a.identity, a.expression, names, mirror)
+    verts = neutral.copy()
     items, parts = _atlas_items(a, mirror)
 
     # ---- eyes and frame: eye level at y = 0, eyes EYE_Z in front of the origin
@@ -150,6 +160,8 @@ def build_ict_head(config: IctHeadConfig = IctHeadConfig(), path: str | Path | N
     eye_verts = {side: np.unique(a.faces[ids]) for side, ids in eye_faces.items()}
     iris = {side: np.unique(a.faces[a.material_faces(f"M_Iris{side}")]) for side in ("Left", "Right")}
     centres = {side: fit_sphere(verts[ids])[0] for side, ids in eye_verts.items()}
+    centres["Left"] = 0.5 * (centres["Left"] + centres["Right"] * S_MIRROR)  # exactly mirrored
+    centres["Right"] = centres["Left"] * S_MIRROR
     mid = 0.5 * (centres["Left"] + centres["Right"])
     shift = np.array([0.0, -mid[1], EYE_Z - mid[2]])
     verts = verts + shift
@@ -157,13 +169,14 @@ def build_ict_head(config: IctHeadConfig = IctHeadConfig(), path: str | Path | N
     centres["Left"][1] = centres["Right"][1] = 0.0
 
     # ---- jaw: hinge fitted on the lower teeth, weights, corrective
-    d_jaw = a.expression[names.index(JAW_SHAPE)]
+    d_jaw = expression[names.index(JAW_SHAPE)]
     teeth = np.unique(a.faces[parts["teeth"]])
     lower = teeth[np.linalg.norm(d_jaw[teeth], axis=1) > 0.004]
     hinge, angle, hinge_rms = fit_hinge(verts[lower], verts[lower] + d_jaw[lower])
     rigid = np.zeros(len(verts), bool)
     rigid[lower] = True
     w_jaw = jaw_weights(verts, a.faces, d_jaw, hinge, angle, rigid)
+    w_jaw = 0.5 * (w_jaw + w_jaw[mirror])  # the 7 unmirrored triangles make the smoothing a hair asymmetric
 
     # ---- landmarks of the template used by the regions and the neck blend
     lm68 = verts[a.landmarks68]
@@ -205,8 +218,8 @@ def build_ict_head(config: IctHeadConfig = IctHeadConfig(), path: str | Path | N
 
     # ---- bases
     keep = [i for i, n in enumerate(names) if n not in GAZE_SHAPES and n != JAW_SHAPE]
-    exprdirs = a.expression[keep].transpose(1, 2, 0)  # (V, 3, E)
-    shapedirs = a.identity[: config.n_shape].transpose(1, 2, 0)  # (V, 3, S)
+    exprdirs = expression[keep].transpose(1, 2, 0)  # (V, 3, E)
+    shapedirs = identity[: config.n_shape].transpose(1, 2, 0)  # (V, 3, S)
     eyeball = np.union1d(np.union1d(eye_verts["Left"], iris["Left"]), np.union1d(eye_verts["Right"], iris["Right"]))
     exprdirs[eyeball] = 0.0  # eyeballs move only by their joints (blink shapes move the lids, not the eyes)
 

@@ -24,6 +24,52 @@ from scipy.sparse import coo_matrix, diags
 from ..geometry import affine_regressor, smoothstep
 
 
+S_MIRROR = np.array([-1.0, 1.0, 1.0])
+
+
+def mirror_field(field: np.ndarray, mirror: np.ndarray) -> np.ndarray:
+    """The mirror image (x -> -x) of per-vertex vectors (..., V, 3): (M f)[v] = S f[mirror[v]]."""
+    return field[..., mirror, :] * S_MIRROR
+
+
+def symmetrize_shapes(neutral: np.ndarray, identity: np.ndarray, expression: np.ndarray, names: list[str],
+                      mirror: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Make ICT exactly mirror-symmetric (its scans are so to ~0.3 mm), so that the flip augmentation and the
+    symmetric UV fusion see one model whose mirror image is itself.
+
+    * template: the mean of itself and its mirror image;
+    * expressions: a left/right pair (``*_L``/``*_R``, ``*Left``/``*Right``) becomes the mean of one and the mirror
+      of the other, and its mirror; any other shape the mean of itself and its mirror;
+    * identity: the Gaussian prior N(0, Phi Phi^T) is averaged with its mirror image, and the same number of
+      components is taken as the leading principal directions of that mirror-invariant covariance (each one
+      symmetric or antisymmetric), scaled to one standard deviation, as ICT's own are.
+    """
+    neutral = 0.5 * (neutral + mirror_field(neutral, mirror))
+    expression = expression.copy()
+    index = {n: i for i, n in enumerate(names)}
+    done = set()
+    for n, i in index.items():
+        if i in done:
+            continue
+        twin = next((n[: -len(a)] + b for a, b in (("_L", "_R"), ("_R", "_L"), ("Left", "Right"), ("Right", "Left"))
+                     if n.endswith(a) and n[: -len(a)] + b in index), None)
+        if twin is None:
+            expression[i] = 0.5 * (expression[i] + mirror_field(expression[i], mirror))
+            done.add(i)
+        else:
+            j = index[twin]
+            left = 0.5 * (expression[i] + mirror_field(expression[j], mirror))
+            expression[i], expression[j] = left, mirror_field(left, mirror)
+            done.update((i, j))
+    C, V, _ = identity.shape
+    both = np.concatenate([identity, mirror_field(identity, mirror)]).reshape(2 * C, V * 3) / np.sqrt(2.0)
+    # Leading right singular vectors of ``both`` (covariance = both^T both) through its small Gram matrix.
+    lam, u = np.linalg.eigh(both @ both.T)
+    order = np.argsort(lam)[::-1][:C]
+    identity = (u[:, order].T @ both).reshape(C, V, 3)  # = sv * vt: one standard deviation per component
+    return neutral, identity, expression
+
+
 def fit_sphere(points: np.ndarray) -> tuple[np.ndarray, float]:
     """Least-squares sphere through points (N, 3): centre (3,), radius."""
     A = np.concatenate([2 * points, np.ones((len(points), 1))], 1)
