@@ -379,3 +379,21 @@ def test_pack_keeps_tracked_frames_spread_and_renumbered(dataset, tmp_path):
     first = pack_item(src, tmp_path / "first", first=2)
     assert load_tracking(first / "tracking.npz").params["expression"].shape[0] == 2
     np.testing.assert_array_equal(load_tracking(first / "tracking.npz").c2w, orig.c2w[[0, 1]])
+
+
+def test_video_pack_keeps_the_pixels_and_loads_as_a_clip(dataset, tmp_path):
+    """--video packing: frames.mp4 / mattes.mp4 of the kept frames, in tracking order, close to the source pixels;
+    the packed tracking drops the observed 2D landmarks."""
+    from pipelines.train.pack import pack_item
+
+    src = dataset / "clip_a-0123456789"
+    out = pack_item(src, tmp_path, video=True, crf=12)
+    assert (out / "frames.mp4").is_file() and not (out / "frames").exists()
+    packed, orig = load_tracking(out / "tracking.npz"), load_tracking(src / "tracking.npz")
+    assert len(packed) == 3 and packed.landmarks is None
+    clip, ref = Clip(out, 32), Clip(src, 32)
+    for new, old in enumerate([0, 1, 3]):
+        img, mat = clip.pixels(new)
+        want_img, want_mat = ref.pixels(old)
+        assert np.abs(img.astype(int) - want_img.astype(int)).mean() < 4
+        assert np.abs(mat.astype(int) - want_mat.astype(int)).mean() < 3
