@@ -1,0 +1,80 @@
+"""Command-line consistency and input checks (issue 15): the real CLI in subprocesses, small and on the CPU.
+
+A finished preprocess is reused whatever its settings; turntables of several avatars never collide; driving motion,
+network weights and output folders are checked before any work (one line, documented exit code); the checkpoint
+owns K; a full disk says so; third-party native logs stay off the console; common options work on every command.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from skimage import data
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "fhavatar_cli"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+MOTION = ROOT / "sample_inputs" / "driving_motion.npz"
+DEFAULT_WEIGHTS = ROOT / "weights" / "fhavatar_default.safetensors"
+TEMPLATE = ("--method", "template", "--uv-size", "64", "--head-model", "embedded")
+TURN = ("--frames", "2", "--size", "64", "--renderer", "torch")
+
+
+def cli(*args, check: int | None = None) -> subprocess.CompletedProcess:
+    p = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=600)
+    if check is not None:
+        assert p.returncode == check, f"exit {p.returncode}\nSTDOUT:{p.stdout[-2000:]}\nSTDERR:{p.stderr[-3000:]}"
+    return p
+
+
+def events(p: subprocess.CompletedProcess, kind: str = "item") -> list[dict]:
+    return [e for e in (json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")) if e["event"] == kind]
+
+
+def one_error_line(p: subprocess.CompletedProcess) -> str:
+    """stderr holds exactly one line, our error (no traceback, no third-party noise before it)."""
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("photo")
+    iio.imwrite(d / "face.jpg", np.ascontiguousarray(data.astronaut()[10:330, 100:420]), quality=92)
+    return d / "face.jpg"
+
+
+QUIET_RUN: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+def avatar(photo, tmp_path_factory) -> Path:
+    """A template avatar (K = 64, embedded head) in the store layout: <out>/<item>/avatar/avatar.npz."""
+    out = tmp_path_factory.mktemp("store")
+    QUIET_RUN["stderr"] = cli("--quiet", "reconstruct", photo, "--out", out, *TEMPLATE, check=0).stderr
+    return next(out.glob("*/avatar/avatar.npz"))
+
+
+# ----------------------------------------------------------------------------------------------------- defect 13
+def test_a_full_disk_says_so_with_the_path(tmp_path, monkeypatch):
+    from pipelines.errors import InputError
+    from pipelines.preprocess import stage
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    target = tmp_path / "frames" / "000012.png"
+    with pytest.raises(InputError, match=r"the disk is full \(ENOSPC\) writing '.*frames/000012.png'"):
+        stage._write_png(target, np.zeros((8, 8, 3), np.uint8))
+    assert not list(target.parent.iterdir())  # no temporary file left
