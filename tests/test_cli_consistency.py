@@ -65,6 +65,30 @@ def avatar(photo, tmp_path_factory) -> Path:
     return next(out.glob("*/avatar/avatar.npz"))
 
 
+# ------------------------------------------------------------------------------------------------------ defect 5
+def test_checkpoints_are_checked_for_shapes_and_their_tensor_digest(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.errors import WeightsError
+    from pipelines.network.config import NetworkConfig
+    from pipelines.network.weights import load_network, read_metadata, save_checkpoint
+
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(ckpt, load_network("random", config=NetworkConfig.tiny()))
+    load_network(ckpt)  # intact: loads
+    meta, state = read_metadata(ckpt), load_file(str(ckpt))
+    name = sorted(state)[3]
+    flipped = dict(state)
+    flipped[name] = -state[name]
+    save_file(flipped, str(tmp_path / "flipped.safetensors"), metadata=meta)
+    with pytest.raises(WeightsError, match="do not match the digest"):
+        load_network(tmp_path / "flipped.safetensors")
+    wrong = {**state, name: state[name].reshape(-1)[:-1].clone()}
+    save_file(wrong, str(tmp_path / "wrong.safetensors"), metadata={"config": meta["config"]})
+    with pytest.raises(WeightsError, match=f"misshapen 1 tensors, e.g. {name}"):
+        load_network(tmp_path / "wrong.safetensors")
+
+
 # ----------------------------------------------------------------------------------------------------- defect 13
 def test_a_full_disk_says_so_with_the_path(tmp_path, monkeypatch):
     from pipelines.errors import InputError
