@@ -65,6 +65,25 @@ def avatar(photo, tmp_path_factory) -> Path:
     return next(out.glob("*/avatar/avatar.npz"))
 
 
+# ------------------------------------------------------------------------------------------------------ defect 4
+def test_check_driving_names_shapes_that_do_not_fit_the_head():
+    from pipelines.errors import InputError
+    from pipelines.reenact import check_driving, driving_tracking
+
+    trk = driving_tracking(MOTION)
+    check_driving(trk, "ok.npz", "embedded", 20, 24)  # the shipped motion fits the embedded head
+    with pytest.raises(InputError, match=r"'m.npz' has expression of shape \(75, 24\), expected \(75, 100\)"):
+        check_driving(trk, "m.npz", "embedded", 20, 100)
+    trk.params["eyes"] = trk.params["eyes"][:, :3]
+    with pytest.raises(InputError, match=r"eyes of shape \(75, 3\), expected \(75, 6\)"):
+        check_driving(trk, "m.npz")
+    trk = driving_tracking(MOTION)
+    trk.c2w = trk.c2w.copy()
+    trk.c2w[7, 0, 3] = np.inf
+    with pytest.raises(InputError, match="non-finite values .* in c2w, frame 7"):
+        check_driving(trk, "m.npz")
+
+
 # ------------------------------------------------------------------------------------------------------ defect 5
 def test_checkpoints_are_checked_for_shapes_and_their_tensor_digest(tmp_path):
     from safetensors.torch import load_file, save_file
