@@ -11,7 +11,7 @@ Methods:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,28 @@ class ReconstructConfig:
         if self.uv_size < 16 or self.uv_size & (self.uv_size - 1):
             raise ConfigError(f"--uv-size {self.uv_size} must be a power of two >= 16")
         return self
+
+
+def with_network(cfg: ReconstructConfig, device: str = "cpu", uv_size: int | None = None):
+    """``(cfg, net)``: for ``--method network`` the network loaded and checked once, before any item runs, with K
+    taken from its checkpoint; ``(cfg, None)`` for the other methods.
+
+    The checkpoint owns K: a ``uv_size`` the user asked for (None: not asked) that differs is a ``ConfigError``
+    here, not a shape error in every item. ``weights='random'`` builds an untrained network of ``cfg.uv_size``.
+    Missing, unreadable or mismatched weights raise ``WeightsError`` (exit 3).
+    """
+    if cfg.method != "network":
+        return cfg, None
+    from .network.config import NetworkConfig
+    from .network.weights import load_network
+
+    net = load_network(cfg.weights, device, prior=cfg.prior if cfg.prior != "builtin" else None,
+                       config=NetworkConfig(uv_size=cfg.uv_size, prior=cfg.prior))
+    K = net.config.uv_size
+    if uv_size is not None and uv_size != K:
+        raise ConfigError(f"--uv-size {uv_size} conflicts with the network weights, which were trained for K = {K}",
+                          "omit --uv-size with --method network (the checkpoint sets it)")
+    return replace(cfg, uv_size=K), net
 
 
 @dataclass
@@ -125,8 +147,8 @@ def unproject_maps(source: SourceFrame, head: HeadModel, uv: UVSpace) -> torch.T
 
 # ---------------------------------------------------------------------------------------------------------- driver
 def reconstruct(source: SourceFrame, head: HeadModel, uv: UVSpace, cfg: ReconstructConfig,
-                head_kind: str, net=None) -> Avatar:
-    """Build the avatar of one source frame with ``cfg.method``."""
+                head_kind: str, net=None, backend: str = "auto") -> Avatar:
+    """Build the avatar of one source frame with ``cfg.method`` (``backend``: the renderer of ``refine_steps``)."""
     K = uv.size
     delta_p = torch.zeros(1, 3, K, K)
     meta: dict = {"method": cfg.method, "config": asdict(cfg)}
@@ -139,7 +161,7 @@ def reconstruct(source: SourceFrame, head: HeadModel, uv: UVSpace, cfg: Reconstr
             from .network.inference import predict_maps
 
             maps, delta_p, info = predict_maps(net, source, head, uv, refine_steps=cfg.refine_steps,
-                                               refine_lr=cfg.refine_lr)
+                                               refine_lr=cfg.refine_lr, backend=backend)
             meta.update(info)
     params = {k: v.detach().cpu().numpy() for k, v in source.params.to_dict().items() if k != "shape"}
     return Avatar(
