@@ -14,7 +14,7 @@ import numpy as np
 
 from .batch import run_stage
 from .errors import InputError
-from .store import IMAGE_EXTS, VIDEO_EXTS, hash_file, item_id
+from .store import IMAGE_EXTS, VIDEO_EXTS, Manifest, hash_file, item_id, outputs_intact
 
 Progress = Callable[[int], None] | None
 
@@ -99,15 +99,9 @@ def preprocess_item(input_path: Path, out: Path, head, pp_cfg=None, tracking_cfg
             progress(done - total["n"])
         total["n"] = done
 
-    track_settings = {"head": head.name, "tracking": asdict(tracking_cfg) if tracking_cfg is not None else "default"}
-    # Recorded only when not the default, so manifests of earlier runs stay valid.
-    if landmarks != "mediapipe":
-        track_settings["landmarks"] = landmarks
-    if photometric is not None:
-        track_settings["photometric"] = photometric.to_dict()
     res = run_preprocess(input_path, item_dir, cfg, progress=pp_progress,
                          track_fn=make_track_hook(head, tracking_cfg, landmarks, photometric),
-                         track_settings=track_settings)
+                         track_settings=_track_settings(head, tracking_cfg, landmarks, photometric))
     outputs = {"frames": res.num_frames, "status": res.status_counts, "dir": str(res.stage_dir)}
     if overlay is not None:
         from .tracking.overlay import write_tracking_overlay
@@ -116,32 +110,86 @@ def preprocess_item(input_path: Path, out: Path, head, pp_cfg=None, tracking_cfg
     return ("skipped" if res.skipped else "done"), outputs
 
 
+def _track_settings(head, tracking_cfg=None, landmarks: str = "mediapipe", photometric=None) -> dict:
+    """The tracking part of the preprocess manifest's settings."""
+    track = {"head": head.name, "tracking": asdict(tracking_cfg) if tracking_cfg is not None else "default"}
+    # Recorded only when not the default, so manifests of earlier runs stay valid.
+    if landmarks != "mediapipe":
+        track["landmarks"] = landmarks
+    if photometric is not None:
+        track["photometric"] = photometric.to_dict()
+    return track
+
+
 def _invalidate(stage: Path) -> None:
     m = stage / "manifest.json"
     if m.exists():
         m.unlink()
 
 
-def preprocessed_dir(spec: Path, out: Path, head, progress: Progress = None) -> Path:
-    """A preprocessed folder for an input: the folder itself if it is one, else preprocess the image/video first."""
+def preprocessed_dir(spec: Path, out: Path, head, progress: Progress = None,
+                     force: bool = False) -> tuple[Path, str]:
+    """A preprocessed folder for an input, and "done" when this call preprocessed it, else "skipped".
+
+    A folder made by ``fhavatar preprocess`` is used as it is. For a photo or video, a finished preprocess of it in
+    ``<out>/<id>/preprocess`` is reused whatever its settings (``--landmarks dlib``, ``--photometric``, a crop size,
+    ...) when it tracked ``head``; with none, the input is preprocessed with the default settings. A preprocess
+    that cannot be reused (unfinished, or tracked with another head model) and has other settings than the default
+    is never overwritten unless ``force``: that is an ``InputError`` naming the settings that differ. (``force``
+    redoes only such a preprocess: a reusable one is kept, whatever else the caller redoes.)
+    """
+    from .preprocess.config import PreprocessConfig
+
     for cand in (spec / "preprocess", spec):
         if (cand / "tracking.npz").is_file():
-            return cand
-    if spec.is_file() and spec.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS:
-        preprocess_item(spec, out, head, progress=progress)
-        return out / item_id(spec) / "preprocess"
-    raise InputError(f"input '{spec}' is neither an image, a video nor a preprocessed folder",
-                     f"pass a photo ({', '.join(IMAGE_EXTS)}), a video or a folder made by `fhavatar preprocess`")
+            return cand, "skipped"
+    if not (spec.is_file() and spec.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS):
+        raise InputError(f"input '{spec}' is neither an image, a video nor a preprocessed folder",
+                         f"pass a photo ({', '.join(IMAGE_EXTS)}), a video or a folder made by `fhavatar preprocess`")
+    stage = out / item_id(spec) / "preprocess"
+    m = Manifest.load(stage)
+    if m is not None:
+        # What preprocess_item writes for the defaults (run_preprocess's manifest settings: config + tracking).
+        default = {**PreprocessConfig().to_dict(), "tracking": _track_settings(head)}
+        finished = (m.status == "done" and m.inputs.get("input") == hash_file(spec) and outputs_intact(stage, m))
+        same_head = m.settings.get("tracking", {}).get("head") == head.name
+        if finished and same_head:
+            return stage, "skipped"
+        differ = _differences(m.settings, default)
+        if differ and not force:
+            why = ("was tracked with another head model" if finished else f"is unfinished ({m.status})"
+                   if m.status != "done" else "has missing or changed files")
+            raise InputError(f"the preprocess of '{spec}' in '{stage}' {why} and has other settings than the "
+                             f"defaults: {'; '.join(differ[:4])}",
+                             "finish it with `fhavatar preprocess` and those settings, or pass --force to redo it "
+                             "with the defaults")
+    status, _ = preprocess_item(spec, out, head, progress=progress)
+    return stage, status
+
+
+def _differences(have: dict, default: dict, prefix: str = "") -> list[str]:
+    """``key: value (default: value)`` for every leaf where two settings dicts differ."""
+    out = []
+    for k in sorted(set(have) | set(default)):
+        a, b = have.get(k), default.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a} (default: {b})")
+    return out
 
 
 def reconstruct_item(spec: Path, out: Path, head, cfg, device: str = "cpu", net_loader=None,
                      progress: Progress = None, force: bool = False, export_ply: bool = False) -> tuple[str, dict]:
-    """``<out>/<id>/avatar/avatar.npz`` (+ ``avatar.ply``) from a photo, video or preprocessed folder."""
+    """``<out>/<id>/avatar/avatar.npz`` (+ ``avatar.ply``) from a photo, video or preprocessed folder.
+
+    Status "done" when anything was made (the preprocess included), "skipped" when all was up to date.
+    """
     from .avatar.artifact import save_avatar
     from .reconstruct import load_source, reconstruct
     from .uv.space import UVConfig, load_or_build_uv_space
 
-    pp = preprocessed_dir(spec, out, head, progress)
+    pp, pp_status = preprocessed_dir(spec, out, head, progress, force=force)
     item_dir = pp.parent
     inputs = {"tracking": pp / "tracking.npz", "frame": pp / "frames" / f"{cfg.source_frame:06d}.png"}
     settings = {**asdict(cfg), "head": head.name}
@@ -171,7 +219,7 @@ def reconstruct_item(spec: Path, out: Path, head, cfg, device: str = "cpu", net_
         return files
 
     status, outputs = run_stage(item_dir / "avatar", {**settings, "ply": export_ply}, inputs, work, force=force)
-    return status, {"avatar": str(item_dir / "avatar" / "avatar.npz"), **outputs}
+    return ("done" if pp_status == "done" else status), {"avatar": str(item_dir / "avatar" / "avatar.npz"), **outputs}
 
 
 def turntable_item(avatar: Path, cfg, video: Path | None = None, png_dir: Path | None = None, backend: str = "auto",
@@ -198,8 +246,9 @@ def reenact_item(avatar: Path, driving: Path, out: Path, head, cfg, video: Path 
     """``<item>/reenact/<driving-id>/video.mp4``: the avatar driven by a video, tracking file or preprocessed folder."""
     from .reenact import driving_tracking, run_reenact
 
+    pp_status = "skipped"
     if driving.is_file() and driving.suffix.lower() != ".npz":
-        driving = preprocessed_dir(driving, out, head)
+        driving, pp_status = preprocessed_dir(driving, out, head)
     trk_file = next(p for p in (driving, driving / "tracking.npz", driving / "preprocess" / "tracking.npz")
                     if p.is_file()) if not driving.is_file() else driving
     did = item_id(trk_file) if video is None else video.stem
@@ -214,4 +263,4 @@ def reenact_item(avatar: Path, driving: Path, out: Path, head, cfg, video: Path 
     settings = {**asdict(cfg), "png_dir": str(png_dir) if png_dir else None}
     status, outputs = run_stage(stage, settings, {"avatar": avatar, "driving": trk_file}, work,
                                 force=force or png_dir is not None, lock_dir=stage.parent)
-    return status, {"video": str(stage / name), **outputs}
+    return ("done" if pp_status == "done" else status), {"video": str(stage / name), **outputs}

@@ -65,6 +65,40 @@ def avatar(photo, tmp_path_factory) -> Path:
     return next(out.glob("*/avatar/avatar.npz"))
 
 
+# ------------------------------------------------------------------------------------------------------ defect 2
+def test_reconstruct_reuses_a_finished_preprocess_whatever_its_settings(photo, tmp_path):
+    out = tmp_path / "out"
+    cli("preprocess", photo, "--out", out, "--background", "grey", "--head-model", "embedded", check=0)
+    stage = next(out.glob("*/preprocess"))
+    manifest = json.loads((stage / "manifest.json").read_text())
+    tracking = (stage / "tracking.npz").read_bytes()
+    assert manifest["settings"]["background"] == [128, 128, 128]
+
+    p = cli("--log-json", "reconstruct", photo, "--out", out, *TEMPLATE, check=0)
+    assert [e["status"] for e in events(p)] == ["done"]
+    assert json.loads((stage / "manifest.json").read_text()) == manifest  # reused, not redone with the defaults
+    assert (stage / "tracking.npz").read_bytes() == tracking
+    p = cli("--log-json", "reconstruct", photo, "--out", out, *TEMPLATE, check=0)
+    assert [e["status"] for e in events(p)] == ["skipped"]
+    p = cli("--log-json", "reconstruct", photo, "--out", out, *TEMPLATE, "--force", check=0)  # redoes the avatar
+    assert [e["status"] for e in events(p)] == ["done"]
+    assert json.loads((stage / "manifest.json").read_text()) == manifest  # and keeps the reusable preprocess
+
+    # An unfinished preprocess with other settings is not overwritten: one line naming the setting.
+    (stage / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    avatar = next(out.glob("*/avatar/avatar.npz"))
+    before = avatar.read_bytes()
+    p = cli("--log-json", "reconstruct", photo, "--out", out, *TEMPLATE, check=1)
+    (item,) = events(p)
+    assert item["status"] == "failed" and "background: [128, 128, 128] (default: [255, 255, 255])" in item["error"]
+    assert "--force" in item["error"] and avatar.read_bytes() == before
+    assert json.loads((stage / "manifest.json").read_text())["status"] == "running"
+    # --force redoes it with the defaults, and says "done".
+    p = cli("--log-json", "reconstruct", photo, "--out", out, *TEMPLATE, "--force", check=0)
+    assert [e["status"] for e in events(p)] == ["done"]
+    assert json.loads((stage / "manifest.json").read_text())["settings"]["background"] == [255, 255, 255]
+
+
 # ------------------------------------------------------------------------------------------------------ defect 4
 def test_check_driving_names_shapes_that_do_not_fit_the_head():
     from pipelines.errors import InputError
