@@ -6,6 +6,7 @@ Every job returns ``(status, outputs)`` with status ``done`` or ``skipped`` (up 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -179,8 +180,28 @@ def _differences(have: dict, default: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def avatar_item_dir(avatar: Path, out: Path | None = None) -> Path:
+    """The item folder that holds an avatar's turntable/ and reenact/ stages.
+
+    ``<item>/avatar/avatar.npz`` (what reconstruct writes) -> ``<item>`` (``<out>/<item name>`` with ``out``); any
+    other avatar file, e.g. ``x/a.npz`` -> ``<out or x>/<avatar id>``, so two avatars of one folder never share one.
+    """
+    avatar = Path(avatar)
+    if avatar.name == "avatar.npz" and avatar.parent.name == "avatar":
+        item = avatar.parent.parent
+        return item if out is None else Path(out) / item.name
+    return Path(out if out is not None else avatar.parent) / item_id(avatar)
+
+
+def file_stage(path: Path) -> Path:
+    """The stage folder (manifest, lock) of an output file the user named (``--output``): hidden beside it, one per
+    file, so two outputs of one folder never share a manifest."""
+    return path.parent / f".{path.name}.fhavatar"
+
+
 def reconstruct_item(spec: Path, out: Path, head, cfg, device: str = "cpu", net_loader=None,
-                     progress: Progress = None, force: bool = False, export_ply: bool = False) -> tuple[str, dict]:
+                     progress: Progress = None, force: bool = False, export_ply: bool = False,
+                     backend: str = "auto") -> tuple[str, dict]:
     """``<out>/<id>/avatar/avatar.npz`` (+ ``avatar.ply``) from a photo, video or preprocessed folder.
 
     Status "done" when anything was made (the preprocess included), "skipped" when all was up to date.
@@ -205,7 +226,7 @@ def reconstruct_item(spec: Path, out: Path, head, cfg, device: str = "cpu", net_
         uv = load_or_build_uv_space(head, UVConfig(size=cfg.uv_size), device=device)
         source = load_source(pp, cfg.source_frame).to(device)
         net = net_loader(cfg) if (cfg.method == "network" and net_loader) else None
-        avatar = reconstruct(source, head, uv, cfg, head_kind(head), net)
+        avatar = reconstruct(source, head, uv, cfg, head_kind(head), net, backend=backend)
         avatar.meta.update({"input": str(spec), "weights_sha256": weights_hash})
         save_avatar(folder / "avatar.npz", avatar)
         files = ["avatar.npz"]
@@ -222,45 +243,55 @@ def reconstruct_item(spec: Path, out: Path, head, cfg, device: str = "cpu", net_
     return ("done" if pp_status == "done" else status), {"avatar": str(item_dir / "avatar" / "avatar.npz"), **outputs}
 
 
+def _output_stage(default_stage: Path, name: str, video: Path | None) -> tuple[Path, Path, Path]:
+    """(stage folder, output file, lock folder) of a derived stage: its own folder (locked at the item), or the
+    file the user named with the stage hidden beside it (``file_stage``, locked there)."""
+    if video is None:
+        return default_stage, default_stage / name, default_stage.parent
+    stage = file_stage(Path(video))
+    return stage, Path(video), stage
+
+
 def turntable_item(avatar: Path, cfg, video: Path | None = None, png_dir: Path | None = None, backend: str = "auto",
-                   device: str = "cpu", progress: Progress = None, force: bool = False) -> tuple[str, dict]:
-    """``<item>/turntable/turntable.mp4`` (or ``video``) for an avatar; skipped when avatar and settings are unchanged."""
+                   device: str = "cpu", progress: Progress = None, force: bool = False,
+                   out: Path | None = None) -> tuple[str, dict]:
+    """``<item>/turntable/turntable.mp4`` (``avatar_item_dir``; or ``video``) for an avatar; skipped when avatar and
+    settings are unchanged."""
     from .turntable import run_turntable
 
-    stage = avatar.parent.parent / "turntable" if video is None else video.parent
-    name = "turntable.mp4" if video is None else video.name
+    stage, target, lock = _output_stage(avatar_item_dir(avatar, out) / "turntable", "turntable.mp4", video)
 
     def work(folder: Path) -> list[str]:
-        run_turntable(avatar, folder / name, png_dir, cfg, backend=backend, device=device, progress=progress)
-        return [name]
+        run_turntable(avatar, target, png_dir, cfg, backend=backend, device=device, progress=progress)
+        return [os.path.relpath(target, folder)]
 
     settings = {**asdict(cfg), "png_dir": str(png_dir) if png_dir else None}
     status, outputs = run_stage(stage, settings, {"avatar": avatar}, work, force=force or png_dir is not None,
-                                lock_dir=stage.parent)
-    return status, {"video": str(stage / name), **outputs}
+                                lock_dir=lock)
+    return status, {"video": str(target), **outputs}
 
 
 def reenact_item(avatar: Path, driving: Path, out: Path, head, cfg, video: Path | None = None,
                  png_dir: Path | None = None, backend: str = "auto", device: str = "cpu", progress: Progress = None,
                  force: bool = False) -> tuple[str, dict]:
-    """``<item>/reenact/<driving-id>/video.mp4``: the avatar driven by a video, tracking file or preprocessed folder."""
+    """``<item>/reenact/<driving-id>/video.mp4`` (``avatar_item_dir`` under ``out``; or ``video``): the avatar driven
+    by a video (preprocessed under ``out``, or its finished preprocess reused), tracking file or preprocessed folder."""
     from .reenact import driving_tracking, run_reenact
 
-    pp_status = "skipped"
+    name, pp_status = str(driving), "skipped"
     if driving.is_file() and driving.suffix.lower() != ".npz":
         driving, pp_status = preprocessed_dir(driving, out, head)
     trk_file = next(p for p in (driving, driving / "tracking.npz", driving / "preprocess" / "tracking.npz")
                     if p.is_file()) if not driving.is_file() else driving
-    did = item_id(trk_file) if video is None else video.stem
-    stage = avatar.parent.parent / "reenact" / did if video is None else video.parent
-    name = "video.mp4" if video is None else video.name
+    default_stage = avatar_item_dir(avatar, out) / "reenact" / item_id(trk_file)
+    stage, target, lock = _output_stage(default_stage, "video.mp4", video)
 
     def work(folder: Path) -> list[str]:
-        run_reenact(avatar, driving_tracking(trk_file), folder / name, png_dir, cfg, backend=backend, device=device,
-                    progress=progress)
-        return [name]
+        run_reenact(avatar, driving_tracking(trk_file), target, png_dir, cfg, backend=backend, device=device,
+                    progress=progress, driving_name=name)
+        return [os.path.relpath(target, folder)]
 
     settings = {**asdict(cfg), "png_dir": str(png_dir) if png_dir else None}
     status, outputs = run_stage(stage, settings, {"avatar": avatar, "driving": trk_file}, work,
-                                force=force or png_dir is not None, lock_dir=stage.parent)
-    return ("done" if pp_status == "done" else status), {"video": str(stage / name), **outputs}
+                                force=force or png_dir is not None, lock_dir=lock)
+    return ("done" if pp_status == "done" else status), {"video": str(target), **outputs}

@@ -99,6 +99,38 @@ def test_reconstruct_reuses_a_finished_preprocess_whatever_its_settings(photo, t
     assert json.loads((stage / "manifest.json").read_text())["settings"]["background"] == [255, 255, 255]
 
 
+# ------------------------------------------------------------------------------------------------------ defect 3
+def test_turntables_of_two_avatars_in_one_folder_do_not_collide(avatar, tmp_path):
+    from pipelines.avatar.artifact import load_avatar, save_avatar
+
+    x = tmp_path / "x"
+    x.mkdir()
+    shutil.copy(avatar, x / "a.npz")
+    b = load_avatar(avatar)
+    b.maps[:3] = 1.0 - b.maps[:3]  # another avatar: inverted colours
+    save_avatar(x / "b.npz", b)
+
+    p = cli("--log-json", "turntable", x / "a.npz", x / "b.npz", *TURN, check=0)
+    assert [e["status"] for e in events(p)] == ["done", "done"]
+    videos = sorted(x.glob("*/turntable/turntable.mp4"))
+    assert len(videos) == 2 and videos[0].read_bytes() != videos[1].read_bytes()
+    assert {v.parent.parent.name.split("-")[0] for v in videos} == {"a", "b"}
+    p = cli("--log-json", "turntable", x / "a.npz", x / "b.npz", *TURN, check=0)
+    assert [e["status"] for e in events(p)] == ["skipped", "skipped"]
+
+    # Two --output files in one folder: a manifest each, each skipped when done.
+    y = tmp_path / "y"
+    for name, av in (("t1.mp4", "a.npz"), ("t2.mp4", "b.npz")):
+        cli("turntable", x / av, "--output", y / name, *TURN, check=0)
+    assert (y / "t1.mp4").read_bytes() != (y / "t2.mp4").read_bytes()
+    assert not (y / "manifest.json").exists()
+    for name in ("t1.mp4", "t2.mp4"):
+        m = json.loads((y / f".{name}.fhavatar" / "manifest.json").read_text())
+        assert m["status"] == "done" and list(m["outputs"]) == [f"../{name}"]
+    p = cli("--log-json", "turntable", x / "a.npz", "--output", y / "t1.mp4", *TURN, check=0)
+    assert [e["status"] for e in events(p)] == ["skipped"]
+
+
 # ------------------------------------------------------------------------------------------------------ defect 4
 def test_check_driving_names_shapes_that_do_not_fit_the_head():
     from pipelines.errors import InputError
