@@ -14,6 +14,7 @@ from pipelines.batch import EXIT_USAGE, EXIT_WEIGHTS
 from pipelines.errors import ConfigError, FhavatarError, WeightsError
 from pipelines.store import ensure_dir
 
+from .native_logs import silence_native_logs
 from .ui import UI
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,8 +29,12 @@ class State:
 def main(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
     log_json: bool = typer.Option(False, "--log-json", help="Line-delimited JSON events on stdout (cluster logs)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the native logs of MediaPipe, TFLite and "
+                                 "ffmpeg (hidden by default)."),
 ) -> None:
     State.ui = UI(quiet=quiet, log_json=log_json)
+    if not verbose:
+        silence_native_logs()
 
 
 def resolve_device(device: str) -> str:

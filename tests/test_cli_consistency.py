@@ -187,3 +187,17 @@ def test_a_full_disk_says_so_with_the_path(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"the disk is full \(ENOSPC\) writing '.*frames/000012.png'"):
         stage._write_png(target, np.zeros((8, 8, 3), np.uint8))
     assert not list(target.parent.iterdir())  # no temporary file left
+
+
+# ----------------------------------------------------------------------------------------------------- defect 14
+def test_native_logs_are_hidden_unless_verbose(avatar, tmp_path):
+    assert QUIET_RUN["stderr"] == ""  # the quiet reconstruction of a photo: no MediaPipe / TFLite lines
+    from video_files import write_video
+
+    video = tmp_path / "clip.mp4"
+    write_video(video, [np.ascontiguousarray(data.astronaut()[10:330, 100:420])] * 6)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(video.read_bytes()[: video.stat().st_size // 2])  # no moov atom
+    args = ("preprocess", cut, "--out", tmp_path / "o", "--head-model", "embedded")
+    assert "cut.mp4" in one_error_line(cli("--quiet", *args, check=1))  # our line only: no ffmpeg noise before it
+    assert "moov atom not found" in cli("--verbose", *args, check=1).stderr
