@@ -132,6 +132,28 @@ def test_turntables_of_two_avatars_in_one_folder_do_not_collide(avatar, tmp_path
 
 
 # ------------------------------------------------------------------------------------------------------ defect 4
+def _motion(tmp_path: Path, name: str, **change) -> Path:
+    with np.load(MOTION) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays.update(change)
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+def test_driving_motion_is_checked_before_rendering(avatar, tmp_path):
+    expr = np.load(MOTION)["param_expression"].copy()
+    expr[3, 5] = np.nan
+    bad = _motion(tmp_path, "nan motion.npz", param_expression=expr)
+    p = cli("reenact", avatar, bad, "--size", "64", "--max-frames", "4", "--renderer", "torch", check=2)
+    line = one_error_line(p)
+    assert "nan motion.npz" in line and "non-finite" in line and "expression, frame 3" in line
+    assert not list(avatar.parent.parent.glob("reenact/*/video.mp4"))  # nothing rendered
+    other = _motion(tmp_path, "flame.npz", head_model=np.array("flame:generic_model"))
+    line = one_error_line(cli("reenact", avatar, other, "--size", "64", check=2))
+    assert "flame.npz" in line and "flame:generic_model" in line and "'embedded'" in line
+
+
 def test_check_driving_names_shapes_that_do_not_fit_the_head():
     from pipelines.errors import InputError
     from pipelines.reenact import check_driving, driving_tracking
@@ -151,6 +173,21 @@ def test_check_driving_names_shapes_that_do_not_fit_the_head():
 
 
 # ------------------------------------------------------------------------------------------------------ defect 5
+def test_bad_weights_exit_3_before_any_item(photo, tmp_path):
+    flipped = tmp_path / "flipped.safetensors"
+    raw = bytearray(DEFAULT_WEIGHTS.read_bytes())
+    raw[-5000:-4000] = bytes(255 - b for b in raw[-5000:-4000])  # tensor bytes, the header intact
+    flipped.write_bytes(bytes(raw))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a checkpoint" * 100)
+    for weights, why in ((flipped, "sha256"), (garbage, "unreadable")):
+        out = tmp_path / f"out_{weights.stem}"
+        p = cli("reconstruct", photo, "--out", out, "--weights", weights, "--head-model", "embedded", check=3)
+        line = one_error_line(p)
+        assert weights.name in line and why in line
+        assert not any(out.iterdir())  # up front: nothing was preprocessed
+
+
 def test_checkpoints_are_checked_for_shapes_and_their_tensor_digest(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -172,6 +209,39 @@ def test_checkpoints_are_checked_for_shapes_and_their_tensor_digest(tmp_path):
     save_file(wrong, str(tmp_path / "wrong.safetensors"), metadata={"config": meta["config"]})
     with pytest.raises(WeightsError, match=f"misshapen 1 tensors, e.g. {name}"):
         load_network(tmp_path / "wrong.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------- defect 10
+def test_unwritable_outputs_are_one_line_exit_2(photo, avatar, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    line = one_error_line(cli("preprocess", photo, "--out", a_file, "--head-model", "embedded", check=2))
+    assert f"--out '{a_file}' is a file, not a folder" in line
+    if os.geteuid() == 0:  # root ignores file modes: a read-only file system instead
+        ro = Path("/sys/fhavatar_ro")
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        ro = tmp_path / "ro" / "x"
+    line = one_error_line(cli("turntable", avatar, "--output", ro / "t.mp4", *TURN, check=2))
+    assert str(ro) in line and "writable --output" in line
+
+
+# ----------------------------------------------------------------------------------------------------- defect 11
+def test_the_checkpoint_owns_k(avatar, tmp_path):
+    from pipelines.avatar.artifact import load_avatar
+    from pipelines.network.config import NetworkConfig
+    from pipelines.network.weights import load_network, save_checkpoint
+
+    ckpt = tmp_path / "k32.safetensors"
+    save_checkpoint(ckpt, load_network("random", config=NetworkConfig.tiny()))  # K = 32
+    item = shutil.copytree(avatar.parent.parent, tmp_path / avatar.parent.parent.name)  # reconstructed in place
+    (item / "avatar" / "avatar.npz").unlink()
+    line = one_error_line(cli("reconstruct", item, "--weights", ckpt, "--uv-size", "64", "--head-model", "embedded",
+                              check=2))
+    assert "--uv-size 64 conflicts" in line and "K = 32" in line
+    assert not (item / "avatar" / "avatar.npz").exists()  # refused up front
+    cli("reconstruct", item, "--weights", ckpt, "--head-model", "embedded", check=0)
+    assert load_avatar(item / "avatar" / "avatar.npz").uv_size == 32
 
 
 # ----------------------------------------------------------------------------------------------------- defect 13
@@ -201,3 +271,38 @@ def test_native_logs_are_hidden_unless_verbose(avatar, tmp_path):
     args = ("preprocess", cut, "--out", tmp_path / "o", "--head-model", "embedded")
     assert "cut.mp4" in one_error_line(cli("--quiet", *args, check=1))  # our line only: no ffmpeg noise before it
     assert "moov atom not found" in cli("--verbose", *args, check=1).stderr
+
+
+# ----------------------------------------------------------------------------------------------------- defect 15
+def test_common_options_work_on_every_command(avatar, tmp_path):
+    d = tmp_path / "d"
+    p = cli("turntable", avatar, "--out", d, *TURN, "--shard", "0/1", "--fail-fast", "--quiet", "--log-json", check=0)
+    assert [e["status"] for e in events(p)] == ["done"] and p.stderr == ""
+    assert (d / avatar.parent.parent.name / "turntable" / "turntable.mp4").is_file()
+    p = cli("reenact", avatar, MOTION, "--out", d, "--size", "64", "--max-frames", "2", "--renderer", "torch",
+            "--fail-fast", "--log-json", check=0)
+    assert [e["status"] for e in events(p)] == ["done"]
+    assert len(list((d / avatar.parent.parent.name / "reenact").glob("*/video.mp4"))) == 1
+    p = cli("reconstruct", avatar.parent.parent, "--out", avatar.parent.parent.parent, *TEMPLATE,
+            "--renderer", "torch", "--log-json", check=0)
+    assert [e["status"] for e in events(p)] == ["skipped"]
+    line = one_error_line(cli("turntable", tmp_path / "nope.npz", *TURN, check=2))  # README: missing input = 2
+    assert "nope.npz" in line and "not found" in line
+
+
+def test_option_defaults_have_one_owner_the_stage_dataclasses():
+    import typer.main
+
+    from fhavatar_cli.main import app, owned_default
+    from pipelines.turntable import TurntableConfig
+
+    group = typer.main.get_command(app)
+    owned = 0
+    for name, command in group.commands.items():
+        for param in command.params:
+            if owned_default(command, param.name) is not None:
+                owned += 1
+                assert param.default is None, f"{name} --{param.name} re-declares the default of its dataclass"
+    assert owned >= 25
+    radius = next(p for p in group.commands["turntable"].params if p.name == "radius")
+    assert owned_default(group.commands["turntable"], "radius") == TurntableConfig.radius and radius.default is None
