@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q --no-deps "lpips==0.1.4"  # data only (LPIPS linear layers); its deps would pull torchvision
 	$(PY) -m pip install -q -e ".[test]"
+	@# lpips: data only (LPIPS linear layers). --no-deps, since its torchvision requirement would pull another torch;
+	@# installed last because pip reports an unmet requirement of an installed package on every later install.
+	$(PY) -m pip install -q --no-deps "lpips==0.1.4"
 	touch $(STAMP)
 
 # Sample portrait -> avatar -> 360-degree turntable video (CPU, a few minutes).

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -31,14 +32,15 @@ class UI:
         if self.log_json:
             self.event("info", message=msg, **fields)
         elif not self.quiet:
-            self.out.print(msg)
+            self.out.print(escape(msg))
 
     def error(self, msg: str, **fields) -> None:
         """Errors are always shown (one line), also with --quiet."""
         if self.log_json:
             self.event("error", message=msg, **fields)
         else:
-            self.out.print(f"[bold red]error:[/] {msg}", soft_wrap=True)
+            # escape: messages quote paths and library errors, whose "[...]" rich would take for markup
+            self.out.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
 
     def item(self, result) -> None:
         """Report one batch item's outcome on one line."""
@@ -51,7 +53,7 @@ class UI:
             self.out.print(f"[yellow] locked[/] {result.name}: {result.error}", soft_wrap=True)
         elif not self.quiet:
             colour = {"done": "green", "skipped": "cyan"}.get(result.status, "yellow")
-            self.out.print(f"[{colour}]{result.status:>7}[/] {result.name} ({result.seconds:.1f}s)")
+            self.out.print(f"[{colour}]{result.status:>7}[/] {escape(result.name)} ({result.seconds:.1f}s)")
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int | None) -> Iterator:
@@ -76,7 +78,7 @@ class UI:
         cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
         with Progress(*cols, console=self.out, transient=False) as p:
-            task = p.add_task(description, total=total, status="")
+            task = p.add_task(escape(description), total=total, status="")
             length = {"total": total}
 
             def advance(n: int = 1, total: int | None = None, status: str | None = None) -> None:

@@ -14,7 +14,7 @@ Methods:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -66,6 +66,28 @@ class ReconstructConfig:
             return self
         cuda = torch.device(device).type == "cuda" and self.method != "template"
         return dataclasses.replace(self, refine_steps=self.refine.auto_steps if cuda else 0)
+
+
+def with_network(cfg: ReconstructConfig, device: str = "cpu", uv_size: int | None = None):
+    """``(cfg, net)``: for ``--method network`` the network loaded and checked once, before any item runs, with K
+    taken from its checkpoint; ``(cfg, None)`` for the other methods.
+
+    The checkpoint owns K: a ``uv_size`` the user asked for (None: not asked) that differs is a ``ConfigError``
+    here, not a shape error in every item. ``weights='random'`` builds an untrained network of ``cfg.uv_size``.
+    Missing, unreadable or mismatched weights raise ``WeightsError`` (exit 3).
+    """
+    if cfg.method != "network":
+        return cfg, None
+    from .network.config import NetworkConfig
+    from .network.weights import load_network
+
+    net = load_network(cfg.weights, device, prior=cfg.prior if cfg.prior != "builtin" else None,
+                       config=NetworkConfig(uv_size=cfg.uv_size, prior=cfg.prior))
+    K = net.config.uv_size
+    if uv_size is not None and uv_size != K:
+        raise ConfigError(f"--uv-size {uv_size} conflicts with the network weights, which were trained for K = {K}",
+                          "omit --uv-size with --method network (the checkpoint sets it)")
+    return replace(cfg, uv_size=K), net
 
 
 @dataclass
@@ -136,9 +158,10 @@ def unproject_maps(source: SourceFrame, head: HeadModel, uv: UVSpace) -> torch.T
 
 # ---------------------------------------------------------------------------------------------------------- driver
 def reconstruct(source: SourceFrame, head: HeadModel, uv: UVSpace, cfg: ReconstructConfig,
-                net=None, progress: Callable[..., None] | None = None) -> Avatar:
+                net=None, progress: Callable[..., None] | None = None, backend: str = "auto") -> Avatar:
     """Build the avatar of one source frame with ``cfg.method``, then refine it on the source view when
-    ``cfg.refine_steps`` asks (``progress`` is called once per refinement step, see ``refine.refine_maps``)."""
+    ``cfg.refine_steps`` asks (``progress`` is called once per refinement step, see ``refine.refine_maps``;
+    ``backend``: the renderer refinement uses)."""
     device = source.image.device
     cfg = cfg.for_device(device)
     K = uv.size
@@ -158,7 +181,7 @@ def reconstruct(source: SourceFrame, head: HeadModel, uv: UVSpace, cfg: Reconstr
     if cfg.refine_steps:
         # Outside no_grad: refinement differentiates the renders with respect to the maps.
         maps, meta["refine"] = refine_maps(maps, delta_p, source, head, uv, cfg.refine_steps, cfg.refine,
-                                           progress=progress)
+                                           backend=backend, progress=progress)
     params = {k: v.detach().cpu().numpy() for k, v in source.params.to_dict().items() if k != "shape"}
     return Avatar(
         maps=maps[0].detach().cpu().numpy(),

@@ -6,6 +6,7 @@ Every job returns ``(status, outputs)`` with status ``done`` or ``skipped`` (up 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -14,7 +15,7 @@ import numpy as np
 
 from .batch import run_stage
 from .errors import InputError
-from .store import IMAGE_EXTS, VIDEO_EXTS, hash_file, item_id
+from .store import IMAGE_EXTS, VIDEO_EXTS, Manifest, hash_file, item_id, outputs_intact
 
 Progress = Callable[[int], None] | None
 
@@ -96,19 +97,9 @@ def preprocess_item(input_path: Path, out: Path, head, pp_cfg=None, tracking_cfg
             progress(done - total["n"])
         total["n"] = done
 
-    from .head.registry import head_model_id
-
-    # The head model's digest, so a changed model (a new asset, other components) re-tracks rather than reusing.
-    track_settings = {"head": head.name, "head_id": head_model_id(head),
-                      "tracking": asdict(tracking_cfg) if tracking_cfg is not None else "default"}
-    # Recorded only when not the default, so manifests of earlier runs stay valid.
-    if landmarks != "mediapipe":
-        track_settings["landmarks"] = landmarks
-    if photometric is not None:
-        track_settings["photometric"] = photometric.to_dict()
     res = run_preprocess(input_path, item_dir, cfg, progress=pp_progress,
                          track_fn=make_track_hook(head, tracking_cfg, landmarks, photometric),
-                         track_settings=track_settings)
+                         track_settings=_track_settings(head, tracking_cfg, landmarks, photometric))
     outputs = {"frames": res.num_frames, "status": res.status_counts, "dir": str(res.stage_dir)}
     if overlay is not None:
         from .tracking.overlay import write_tracking_overlay
@@ -117,33 +108,111 @@ def preprocess_item(input_path: Path, out: Path, head, pp_cfg=None, tracking_cfg
     return ("skipped" if res.skipped else "done"), outputs
 
 
+def _track_settings(head, tracking_cfg=None, landmarks: str = "mediapipe", photometric=None) -> dict:
+    """The tracking part of the preprocess manifest's settings, with the head model's digest (a changed model, e.g.
+    a new asset or other components, re-tracks rather than reusing)."""
+    from .head.registry import head_model_id
+
+    track = {"head": head.name, "head_id": head_model_id(head),
+             "tracking": asdict(tracking_cfg) if tracking_cfg is not None else "default"}
+    # Recorded only when not the default, so manifests of earlier runs stay valid.
+    if landmarks != "mediapipe":
+        track["landmarks"] = landmarks
+    if photometric is not None:
+        track["photometric"] = photometric.to_dict()
+    return track
+
+
 def _invalidate(stage: Path) -> None:
     m = stage / "manifest.json"
     if m.exists():
         m.unlink()
 
 
-def preprocessed_dir(spec: Path, out: Path, head, progress: Progress = None) -> Path:
-    """A preprocessed folder for an input: the folder itself if it is one, else preprocess the image/video first."""
+def preprocessed_dir(spec: Path, out: Path, head, progress: Progress = None,
+                     force: bool = False) -> tuple[Path, str]:
+    """A preprocessed folder for an input, and "done" when this call preprocessed it, else "skipped".
+
+    A folder made by ``fhavatar preprocess`` is used as it is. For a photo or video, a finished preprocess of it in
+    ``<out>/<id>/preprocess`` is reused whatever its settings (``--landmarks dlib``, ``--photometric``, a crop size,
+    ...) when it tracked ``head``; with none, the input is preprocessed with the default settings. A preprocess
+    that cannot be reused (unfinished, or tracked with another head model) and has other settings than the default
+    is never overwritten unless ``force``: that is an ``InputError`` naming the settings that differ. (``force``
+    redoes only such a preprocess: a reusable one is kept, whatever else the caller redoes.)
+    """
+    from .preprocess.config import PreprocessConfig
+
     for cand in (spec / "preprocess", spec):
         if (cand / "tracking.npz").is_file():
-            return cand
-    if spec.is_file() and spec.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS:
-        preprocess_item(spec, out, head, progress=progress)
-        return out / item_id(spec) / "preprocess"
-    raise InputError(f"input '{spec}' is neither an image, a video nor a preprocessed folder",
-                     f"pass a photo ({', '.join(IMAGE_EXTS)}), a video or a folder made by `fhavatar preprocess`")
+            return cand, "skipped"
+    if not (spec.is_file() and spec.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS):
+        raise InputError(f"input '{spec}' is neither an image, a video nor a preprocessed folder",
+                         f"pass a photo ({', '.join(IMAGE_EXTS)}), a video or a folder made by `fhavatar preprocess`")
+    stage = out / item_id(spec) / "preprocess"
+    m = Manifest.load(stage)
+    if m is not None:
+        # What preprocess_item writes for the defaults (run_preprocess's manifest settings: config + tracking).
+        default = {**PreprocessConfig().to_dict(), "tracking": _track_settings(head)}
+        finished = (m.status == "done" and m.inputs.get("input") == hash_file(spec) and outputs_intact(stage, m))
+        same_head = m.settings.get("tracking", {}).get("head") == head.name
+        if finished and same_head:
+            return stage, "skipped"
+        differ = _differences(m.settings, default)
+        if differ and not force:
+            why = ("was tracked with another head model" if finished else f"is unfinished ({m.status})"
+                   if m.status != "done" else "has missing or changed files")
+            raise InputError(f"the preprocess of '{spec}' in '{stage}' {why} and has other settings than the "
+                             f"defaults: {'; '.join(differ[:4])}",
+                             "finish it with `fhavatar preprocess` and those settings, or pass --force to redo it "
+                             "with the defaults")
+    status, _ = preprocess_item(spec, out, head, progress=progress)
+    return stage, status
+
+
+def _differences(have: dict, default: dict, prefix: str = "") -> list[str]:
+    """``key: value (default: value)`` for every leaf where two settings dicts differ."""
+    out = []
+    for k in sorted(set(have) | set(default)):
+        a, b = have.get(k), default.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a} (default: {b})")
+    return out
+
+
+def avatar_item_dir(avatar: Path, out: Path | None = None) -> Path:
+    """The item folder that holds an avatar's turntable/ and reenact/ stages.
+
+    ``<item>/avatar/avatar.npz`` (what reconstruct writes) -> ``<item>`` (``<out>/<item name>`` with ``out``); any
+    other avatar file, e.g. ``x/a.npz`` -> ``<out or x>/<avatar id>``, so two avatars of one folder never share one.
+    """
+    avatar = Path(avatar)
+    if avatar.name == "avatar.npz" and avatar.parent.name == "avatar":
+        item = avatar.parent.parent
+        return item if out is None else Path(out) / item.name
+    return Path(out if out is not None else avatar.parent) / item_id(avatar)
+
+
+def file_stage(path: Path) -> Path:
+    """The stage folder (manifest, lock) of an output file the user named (``--output``): hidden beside it, one per
+    file, so two outputs of one folder never share a manifest."""
+    return path.parent / f".{path.name}.fhavatar"
 
 
 def reconstruct_item(spec: Path, out: Path, head, cfg, device: str = "cpu", net_loader=None,
-                     progress: Progress = None, force: bool = False, export_ply: bool = False) -> tuple[str, dict]:
-    """``<out>/<id>/avatar/avatar.npz`` (+ ``avatar.ply``) from a photo, video or preprocessed folder."""
+                     progress: Progress = None, force: bool = False, export_ply: bool = False,
+                     backend: str = "auto") -> tuple[str, dict]:
+    """``<out>/<id>/avatar/avatar.npz`` (+ ``avatar.ply``) from a photo, video or preprocessed folder.
+
+    Status "done" when anything was made (the preprocess included), "skipped" when all was up to date.
+    """
     from .avatar.artifact import save_avatar
     from .reconstruct import load_source, reconstruct
     from .uv.space import UVConfig, load_or_build_uv_space
 
     cfg = cfg.for_device(device)  # "auto" refinement steps -> the number this device runs (kept in the settings)
-    pp = preprocessed_dir(spec, out, head, progress)
+    pp, pp_status = preprocessed_dir(spec, out, head, progress, force=force)
     item_dir = pp.parent
     inputs = {"tracking": pp / "tracking.npz", "frame": pp / "frames" / f"{cfg.source_frame:06d}.png"}
     settings = {**asdict(cfg), "head": head.name}
@@ -159,7 +228,7 @@ def reconstruct_item(spec: Path, out: Path, head, cfg, device: str = "cpu", net_
         uv = load_or_build_uv_space(head, UVConfig(size=cfg.uv_size), device=device)
         source = load_source(pp, cfg.source_frame).to(device)
         net = net_loader(cfg) if (cfg.method == "network" and net_loader) else None
-        avatar = reconstruct(source, head, uv, cfg, net, progress=progress)
+        avatar = reconstruct(source, head, uv, cfg, net, progress=progress, backend=backend)
         avatar.meta.update({"input": str(spec), "weights_sha256": weights_hash})
         save_avatar(folder / "avatar.npz", avatar)
         files = ["avatar.npz"]
@@ -173,47 +242,58 @@ def reconstruct_item(spec: Path, out: Path, head, cfg, device: str = "cpu", net_
         return files
 
     status, outputs = run_stage(item_dir / "avatar", {**settings, "ply": export_ply}, inputs, work, force=force)
-    return status, {"avatar": str(item_dir / "avatar" / "avatar.npz"), **outputs}
+    return ("done" if pp_status == "done" else status), {"avatar": str(item_dir / "avatar" / "avatar.npz"), **outputs}
+
+
+def _output_stage(default_stage: Path, name: str, video: Path | None) -> tuple[Path, Path, Path]:
+    """(stage folder, output file, lock folder) of a derived stage: its own folder (locked at the item), or the
+    file the user named with the stage hidden beside it (``file_stage``, locked there)."""
+    if video is None:
+        return default_stage, default_stage / name, default_stage.parent
+    stage = file_stage(Path(video))
+    return stage, Path(video), stage
 
 
 def turntable_item(avatar: Path, cfg, video: Path | None = None, png_dir: Path | None = None, backend: str = "auto",
-                   device: str = "cpu", progress: Progress = None, force: bool = False) -> tuple[str, dict]:
-    """``<item>/turntable/turntable.mp4`` (or ``video``) for an avatar; skipped when avatar and settings are unchanged."""
+                   device: str = "cpu", progress: Progress = None, force: bool = False,
+                   out: Path | None = None) -> tuple[str, dict]:
+    """``<item>/turntable/turntable.mp4`` (``avatar_item_dir``; or ``video``) for an avatar; skipped when avatar and
+    settings are unchanged."""
     from .turntable import run_turntable
 
-    stage = avatar.parent.parent / "turntable" if video is None else video.parent
-    name = "turntable.mp4" if video is None else video.name
+    stage, target, lock = _output_stage(avatar_item_dir(avatar, out) / "turntable", "turntable.mp4", video)
 
     def work(folder: Path) -> list[str]:
-        run_turntable(avatar, folder / name, png_dir, cfg, backend=backend, device=device, progress=progress)
-        return [name]
+        run_turntable(avatar, target, png_dir, cfg, backend=backend, device=device, progress=progress)
+        return [os.path.relpath(target, folder)]
 
     settings = {**asdict(cfg), "png_dir": str(png_dir) if png_dir else None}
     status, outputs = run_stage(stage, settings, {"avatar": avatar}, work, force=force or png_dir is not None,
-                                lock_dir=stage.parent)
-    return status, {"video": str(stage / name), **outputs}
+                                lock_dir=lock)
+    return status, {"video": str(target), **outputs}
 
 
 def reenact_item(avatar: Path, driving: Path, out: Path, head, cfg, video: Path | None = None,
                  png_dir: Path | None = None, backend: str = "auto", device: str = "cpu", progress: Progress = None,
                  force: bool = False) -> tuple[str, dict]:
-    """``<item>/reenact/<driving-id>/video.mp4``: the avatar driven by a video, tracking file or preprocessed folder."""
+    """``<item>/reenact/<driving-id>/video.mp4`` (``avatar_item_dir`` under ``out``; or ``video``): the avatar driven
+    by a video (preprocessed under ``out``, or its finished preprocess reused), tracking file or preprocessed folder."""
     from .reenact import driving_tracking, run_reenact
 
+    name, pp_status = str(driving), "skipped"
     if driving.is_file() and driving.suffix.lower() != ".npz":
-        driving = preprocessed_dir(driving, out, head)
+        driving, pp_status = preprocessed_dir(driving, out, head)
     trk_file = next(p for p in (driving, driving / "tracking.npz", driving / "preprocess" / "tracking.npz")
                     if p.is_file()) if not driving.is_file() else driving
-    did = item_id(trk_file) if video is None else video.stem
-    stage = avatar.parent.parent / "reenact" / did if video is None else video.parent
-    name = "video.mp4" if video is None else video.name
+    default_stage = avatar_item_dir(avatar, out) / "reenact" / item_id(trk_file)
+    stage, target, lock = _output_stage(default_stage, "video.mp4", video)
 
     def work(folder: Path) -> list[str]:
-        run_reenact(avatar, driving_tracking(trk_file), folder / name, png_dir, cfg, backend=backend, device=device,
-                    progress=progress)
-        return [name]
+        run_reenact(avatar, driving_tracking(trk_file), target, png_dir, cfg, backend=backend, device=device,
+                    progress=progress, driving_name=name)
+        return [os.path.relpath(target, folder)]
 
     settings = {**asdict(cfg), "png_dir": str(png_dir) if png_dir else None}
     status, outputs = run_stage(stage, settings, {"avatar": avatar, "driving": trk_file}, work,
-                                force=force or png_dir is not None, lock_dir=stage.parent)
-    return status, {"video": str(stage / name), **outputs}
+                                force=force or png_dir is not None, lock_dir=lock)
+    return ("done" if pp_status == "done" else status), {"video": str(target), **outputs}

@@ -13,6 +13,7 @@ from .avatar.artifact import load_avatar
 from .core.camera import DEFAULT_RADIUS, Camera, fov_to_focal, normalized_intrinsics, orbit_cameras
 from .animate import render_sequence, write_frames
 from .avatar.head import build_rig, head_for_avatar
+from .errors import ConfigError
 
 
 @dataclass
@@ -29,6 +30,20 @@ class TurntableConfig:
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     expression: str = "source"  # source | neutral
     batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        self.background = tuple(float(c) for c in self.background)  # type: ignore[assignment]
+        if self.frames < 1:
+            raise ConfigError(f"--frames {self.frames} must be >= 1")
+        if self.size < 16 or self.size % 2:
+            raise ConfigError(f"--size {self.size} must be even and >= 16", "the mp4 is yuv420p, e.g. 512")
+        if self.fps <= 0:
+            raise ConfigError(f"--fps {self.fps} must be > 0")
+        if not 0.0 < self.fov < 180.0 or self.radius <= 0:
+            raise ConfigError(f"camera --fov {self.fov} / --radius {self.radius} out of range",
+                              "the field of view must be in (0, 180) degrees and the radius > 0 metres")
+        if self.expression not in ("source", "neutral"):
+            raise ConfigError(f"--expression '{self.expression}' must be source or neutral")
 
 
 def turntable_cameras(cfg: TurntableConfig, target: tuple[float, float, float]) -> Camera:

@@ -6,6 +6,8 @@ The mp4 is written under a temporary name and renamed when complete (atomic).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -13,6 +15,33 @@ import numpy as np
 
 from .errors import InputError
 from .store import atomic_path
+
+_DISK_FULL = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT"}
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def disk_full_error(path: str | Path, code: str = "ENOSPC") -> InputError:
+    return InputError(f"the disk is full ({code}) writing '{path}'" if code == "ENOSPC" else
+                      f"the disk quota is exceeded ({code}) writing '{path}'",
+                      "free some space, or write to another --out folder")
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Say why writing ``path`` failed: a full disk or quota as such (one line naming the file), not as a bare
+    "could not write"; other errors pass unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise disk_full_error(path, _DISK_FULL[e.errno]) from e
+        raise
+
+
+def write_file_bytes(path: str | Path, data: bytes) -> None:
+    """Write encoded bytes (a PNG, ...) to ``path`` atomically; a full disk says so."""
+    with writing(path), atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def ffmpeg_exe() -> str:
@@ -33,7 +62,7 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 30.
     if h % 2 or w % 2:
         raise InputError(f"video size {w}x{h} must be even for yuv420p", "use an even --size")
     n = 0
-    with atomic_path(path, suffix=".mp4") as tmp:
+    with writing(path), atomic_path(path, suffix=".mp4") as tmp:
         proc = (
             ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{w}x{h}", framerate=fps)
             .output(str(tmp), pix_fmt="yuv420p", vcodec="libx264", crf=crf, preset="veryfast", movflags="+faststart")
@@ -45,11 +74,18 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 30.
             for frame in _chain(first, it):
                 proc.stdin.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
                 n += 1
+        except BrokenPipeError:  # ffmpeg stopped (e.g. the disk is full): its own message says why
+            pass
         finally:
-            proc.stdin.close()
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
             err = proc.stderr.read().decode(errors="replace")
             code = proc.wait()
         if code != 0:
+            if any(t in err for t in _DISK_FULL_TEXT):
+                raise disk_full_error(path, "ENOSPC" if _DISK_FULL_TEXT[0] in err else "EDQUOT")
             raise InputError(f"ffmpeg failed writing '{path}': {err.strip().splitlines()[-1] if err.strip() else code}")
     return n
 
@@ -63,7 +99,7 @@ def write_png(path: str | Path, image: np.ndarray) -> None:
     """Write an (H, W, C) uint8 image as PNG atomically."""
     import imageio.v3 as iio
 
-    with atomic_path(path) as tmp:
+    with writing(path), atomic_path(path) as tmp:
         iio.imwrite(tmp, image, extension=".png")
 
 

@@ -189,7 +189,7 @@ def test_read_only_output_folder_gives_a_clear_error(photos, tmp_path):
 
 def test_missing_input_and_unknown_renderer_exit_with_one_line(tmp_path):
     p = run_cli("turntable", tmp_path / "nope.npz", "--frames", "2")
-    assert p.returncode == 1 and "nope.npz" in p.stderr and "not found" in p.stderr
+    assert p.returncode == 2 and "nope.npz" in p.stderr and "not found" in p.stderr  # README: bad input = 2
     p = run_cli("turntable", tmp_path / "nope.npz", "--renderer", "vulkan")
     assert p.returncode == 2 and "vulkan" in p.stderr
     p = run_cli("reconstruct", tmp_path / "nope.jpg", "--out", tmp_path / "o")

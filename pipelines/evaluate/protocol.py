@@ -538,6 +538,7 @@ def run_evaluate(
     progress: Progress = None,
     on_result: Callable[[ItemResult], None] | None = None,
     reconstruct_options: dict | None = None,
+    fail_fast: bool = False,
     **config,
 ) -> tuple[str, int]:
     """What ``fhavatar evaluate`` does: evaluate (this shard of) the inputs, then report.
@@ -576,7 +577,7 @@ def run_evaluate(
         code, failed = EXIT_OK, {}
         if not merge_only:
             results = evaluate(videos, Path(out), cfg, recon, (i, n), device, head_model, progress, on_result,
-                               force=force, weights_sha256=digest)
+                               force=force, weights_sha256=digest, fail_fast=fail_fast)
             code = exit_code(results)
             failed = {r.item_id: f"{r.status}: {r.error}" for r in results if r.status not in ("done", "skipped")}
             if n > 1:

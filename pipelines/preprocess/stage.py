@@ -362,9 +362,13 @@ def process_frame(frame: np.ndarray, t: int, source_index: int, boxes: dict[str,
 def _write_png(path: Path, img: np.ndarray) -> None:
     import cv2
 
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), img):
-            raise OSError(f"could not write '{path}'")
+    from ..video import write_file_bytes
+
+    # Encoded in memory (the same bytes as cv2.imwrite), so a failed write reports its cause (a full disk).
+    ok, png = cv2.imencode(".png", img)
+    if not ok:
+        raise OSError(f"could not encode '{path}'")
+    write_file_bytes(path, png.tobytes())
 
 
 def _cached_boxes(out: Path, key: str) -> dict[str, np.ndarray] | None:
