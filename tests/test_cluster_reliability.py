@@ -229,7 +229,11 @@ def test_run_in_a_job_array_drives_each_avatar_with_every_driving_input(tmp_path
     import fhavatar_cli.main as cli
 
     calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(cli, "_load_head", lambda *a: None)
+    import pipelines.reenact as reenact
+
+    monkeypatch.setattr(cli, "_load_head", lambda *a: type("Head", (), {"name": "h", "n_shape": 1, "n_expr": 1})())
+    monkeypatch.setattr(reenact, "driving_tracking", lambda d: None)  # the stand-in files are not tracked motion
+    monkeypatch.setattr(reenact, "check_driving", lambda *a, **k: None)
     monkeypatch.setattr(stages, "reconstruct_item", lambda spec, *a, **k: ("done", {"avatar": str(spec)}))
     monkeypatch.setattr(stages, "reenact_item", lambda avatar, drv, *a, **k: calls.append((avatar.name, drv.name)))
     for name in ("p0.jpg", "p1.jpg", "d0.npz", "d1.npz", "d2.npz"):

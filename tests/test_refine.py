@@ -46,7 +46,7 @@ def head():
 @pytest.fixture(scope="module")
 def source(head, tmp_path_factory) -> SourceFrame:
     """The sample portrait's preprocessed source frame at full size (512)."""
-    return load_source(preprocessed_dir(SAMPLE, tmp_path_factory.mktemp("out"), head), 0)
+    return load_source(preprocessed_dir(SAMPLE, tmp_path_factory.mktemp("out"), head)[0], 0)
 
 
 def resized(src: SourceFrame, size: int) -> SourceFrame:
