@@ -162,7 +162,7 @@ def train(
     uv = load_or_build_uv_space(head, cfg.uv_config(), device=device)
     mirror, mirror_note = (None, "flip_prob = 0")
     if cfg.data.flip_prob > 0:
-        mirror, mirror_note = HeadMirror.build(head)
+        mirror, mirror_note = HeadMirror.build(head, tolerance=getattr(head, "mirror_tolerance", 1e-4))
         mirror = mirror.to(device) if mirror is not None else None
     items = find_items(data_dirs)
     train_items, val_items = split_items(items, cfg.data.val_items)
