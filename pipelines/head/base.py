@@ -148,3 +148,48 @@ class HeadModel(nn.Module):
         """(3,) a point in the middle of the head (where default cameras look)."""
         return self.v_template.mean(0)
 
+
+
+class ArrayHeadModel(HeadModel):
+    """A head model built by our code from numpy arrays (the embedded head, ICT-FaceKit): one place that turns them
+    into the interface's buffers, keeps the landmark embedding as (non-persistent) buffers so it follows
+    ``.to(device)``, and answers ``head_center`` from a stored ``center`` (3,)."""
+
+    def _register_arrays(self, data: dict, posedirs: torch.Tensor) -> None:
+        """Buffers of :class:`HeadModel` (plus ``center``) from ``data``'s arrays; ``posedirs`` (P, V*3) or empty."""
+        import numpy as np
+
+        f32 = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+        i64 = lambda a: torch.tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
+        for name in ("v_template", "uv_coords", "shapedirs", "exprdirs", "J_regressor", "lbs_weights", "center"):
+            self.register_buffer(name, f32(data[name]))
+        for name in ("faces", "uv_faces", "face_region"):
+            self.register_buffer(name, i64(data[name]))
+        self.register_buffer("posedirs", posedirs)
+        self.register_buffer("parents", torch.tensor(PARENTS, dtype=torch.long))
+        # Not persistent: rebuilt from shipped data, and their size depends on whether landmarks are embedded.
+        self.register_buffer("lmk_index", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("lmk_faces", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("lmk_bary", torch.zeros(0, 3), persistent=False)
+
+    @property
+    def landmarks(self) -> LandmarkEmbedding | None:  # type: ignore[override]
+        if self.lmk_index.numel() == 0:
+            return None
+        return LandmarkEmbedding(self.lmk_index, self.lmk_faces, self.lmk_bary)
+
+    @landmarks.setter
+    def landmarks(self, emb: LandmarkEmbedding | None) -> None:
+        device = self.v_template.device
+        if emb is None:
+            self.lmk_index = torch.zeros(0, dtype=torch.long, device=device)
+            self.lmk_faces = torch.zeros(0, dtype=torch.long, device=device)
+            self.lmk_bary = torch.zeros(0, 3, device=device)
+            return
+        self.lmk_index = torch.as_tensor(emb.mp_index, dtype=torch.long).to(device).clone()
+        self.lmk_faces = torch.as_tensor(emb.faces, dtype=torch.long).to(device).clone()
+        self.lmk_bary = torch.as_tensor(emb.bary, dtype=torch.float32).to(device).clone()
+
+    def head_center(self) -> torch.Tensor:
+        """(3,) centre of the head's bounding box (neck excluded)."""
+        return self.center.clone()

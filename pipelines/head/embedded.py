@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from scipy.interpolate import PchipInterpolator
 
-from .base import PARENTS, REGIONS, HeadModel
+from .base import REGIONS, ArrayHeadModel
 from .geometry import affine_regressor as _affine_regressor
 from .geometry import smoothstep as _smoothstep
 from .geometry import vertex_normals as _vertex_normals
@@ -1055,7 +1055,7 @@ def _cached_landmarks(config: EmbeddedHeadConfig):
     return build_landmark_embedding(EmbeddedHeadModel(config, with_landmarks=False), load_reference_face())
 
 
-class EmbeddedHeadModel(HeadModel):
+class EmbeddedHeadModel(ArrayHeadModel):
     """The open, code-generated full-head model (FLAME frame and rig; see the module docstring).
 
     Args:
@@ -1075,56 +1075,15 @@ class EmbeddedHeadModel(HeadModel):
     def __init__(self, config: EmbeddedHeadConfig | None = None, with_landmarks: bool = True) -> None:
         super().__init__()
         data = build_embedded_head(config or EmbeddedHeadConfig())
-        f32 = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
         i64 = lambda a: torch.tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
-        V = data["v_template"].shape[0]
-        self.register_buffer("v_template", f32(data["v_template"]))
-        self.register_buffer("faces", i64(data["faces"]))
-        self.register_buffer("uv_coords", f32(data["uv_coords"]))
-        self.register_buffer("uv_faces", i64(data["uv_faces"]))
-        self.register_buffer("shapedirs", f32(data["shapedirs"]))
-        self.register_buffer("exprdirs", f32(data["exprdirs"]))
-        self.register_buffer("posedirs", torch.zeros(0, V * 3))
-        self.register_buffer("J_regressor", f32(data["J_regressor"]))
-        self.register_buffer("lbs_weights", f32(data["lbs_weights"]))
-        self.register_buffer("parents", torch.tensor(PARENTS, dtype=torch.long))
-        self.register_buffer("face_region", i64(data["face_region"]))
+        self._register_arrays(data, torch.zeros(0, data["v_template"].shape[0] * 3))
         self.register_buffer("vertex_part", i64(data["vertex_part"]))
         self.register_buffer("lip_side", i64(data["lip_side"]))
-        self.register_buffer("center", f32(data["center"]))
         self._anchors = dict(data["anchors"])
-        # Landmark embedding as buffers so it follows .to(device); exposed as ``self.landmarks``.
-        # (Not persistent: they are rebuilt from the shipped reference, and their size depends on with_landmarks.)
-        self.register_buffer("lmk_index", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.register_buffer("lmk_faces", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.register_buffer("lmk_bary", torch.zeros(0, 3), persistent=False)
         if with_landmarks:
             self.landmarks = _cached_landmarks(config or EmbeddedHeadConfig())
-
-    @property
-    def landmarks(self):  # type: ignore[override]
-        from .base import LandmarkEmbedding
-
-        if self.lmk_index.numel() == 0:
-            return None
-        return LandmarkEmbedding(self.lmk_index, self.lmk_faces, self.lmk_bary)
-
-    @landmarks.setter
-    def landmarks(self, emb) -> None:
-        device = self.v_template.device
-        if emb is None:
-            self.lmk_index = torch.zeros(0, dtype=torch.long, device=device)
-            self.lmk_faces = torch.zeros(0, dtype=torch.long, device=device)
-            self.lmk_bary = torch.zeros(0, 3, device=device)
-            return
-        self.lmk_index = torch.as_tensor(emb.mp_index, dtype=torch.long).to(device).clone()
-        self.lmk_faces = torch.as_tensor(emb.faces, dtype=torch.long).to(device).clone()
-        self.lmk_bary = torch.as_tensor(emb.bary, dtype=torch.float32).to(device).clone()
 
     def landmark_anchors(self) -> dict[int, tuple[float, float]]:
         """MediaPipe index -> frontal (x, y) on the template, used to align the reference landmark layout."""
         return dict(self._anchors)
 
-    def head_center(self) -> torch.Tensor:
-        """(3,) centre of the head's bounding box (neck excluded)."""
-        return self.center.clone()

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..base import PARENTS, REGIONS, HeadModel, LandmarkEmbedding
+from ..base import REGIONS, ArrayHeadModel, LandmarkEmbedding
 from .asset import IctAsset, load_asset
 from .layout import Item, mirror_island, mirror_vertices, split_halves, symmetric_atlas, uv_islands
 from .rig import (
@@ -263,7 +263,7 @@ def _cached(config: IctHeadConfig, path: str | None) -> dict:
     return data
 
 
-class IctHeadModel(HeadModel):
+class IctHeadModel(ArrayHeadModel):
     """ICT-FaceKit as a head model (see the module docstring).
 
     Extra attributes: ``expression_names`` (E,), buffers ``landmarks68`` (68,) vertex ids (iBUG order),
@@ -282,20 +282,8 @@ class IctHeadModel(HeadModel):
         super().__init__()
         self.config = config or IctHeadConfig()
         data = _cached(self.config, None if path is None else str(path))
-        f32 = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
         i64 = lambda a: torch.tensor(np.asarray(a), dtype=torch.long)  # noqa: E731
-        self.register_buffer("v_template", f32(data["v_template"]))
-        self.register_buffer("faces", i64(data["faces"]))
-        self.register_buffer("uv_coords", f32(data["uv_coords"]))
-        self.register_buffer("uv_faces", i64(data["uv_faces"]))
-        self.register_buffer("shapedirs", f32(data["shapedirs"]))
-        self.register_buffer("exprdirs", f32(data["exprdirs"]))
-        self.register_buffer("posedirs", f32(data["posedirs"]))
-        self.register_buffer("J_regressor", f32(data["J_regressor"]))
-        self.register_buffer("lbs_weights", f32(data["lbs_weights"]))
-        self.register_buffer("parents", torch.tensor(PARENTS, dtype=torch.long))
-        self.register_buffer("face_region", i64(data["face_region"]))
-        self.register_buffer("center", f32(data["center"]))
+        self._register_arrays(data, torch.tensor(np.asarray(data["posedirs"]), dtype=torch.float32))
         self.register_buffer("mirror", i64(data["mirror"]))
         self.register_buffer("landmarks68", i64(data["landmarks68"]))
         self.register_buffer("lower_teeth", i64(data["lower_teeth"]), persistent=False)
@@ -305,22 +293,9 @@ class IctHeadModel(HeadModel):
         self.expression_names = data["expression_names"]
         self.jaw_fit = data["jaw_fit"]
         self.source = data["source"]
-        self.register_buffer("lmk_index", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.register_buffer("lmk_faces", torch.zeros(0, dtype=torch.long), persistent=False)
-        self.register_buffer("lmk_bary", torch.zeros(0, 3), persistent=False)
         if with_landmarks:
             emb = _cached_embedding(self.config, None if path is None else str(path))
             self.lmk_index, self.lmk_faces, self.lmk_bary = emb
-
-    @property
-    def landmarks(self) -> LandmarkEmbedding | None:  # type: ignore[override]
-        if self.lmk_index.numel() == 0:
-            return None
-        return LandmarkEmbedding(self.lmk_index, self.lmk_faces, self.lmk_bary)
-
-    def head_center(self) -> torch.Tensor:
-        """(3,) centre of the head's bounding box (neck and chest excluded)."""
-        return self.center.clone()
 
     def landmark_embedding(self, source: str = "mediapipe") -> LandmarkEmbedding | None:
         """For 68-point sources, ICT's own iBUG landmark vertices (at their MediaPipe indices); else MediaPipe's."""
