@@ -160,7 +160,7 @@ def run_clip(folder: Path, args, head, net, variants, device) -> tuple[dict, np.
             refine_s = time.perf_counter() - t0
             saved[f"{vname}__{steps}"] = A[0].half().cpu().numpy()
             rig = AvatarRig(head, uv, A, vc.src_params.shape, dp)
-            frames = render_reenactment(rig, head, vc, size, backend=args.renderer)
+            frames, _ = render_reenactment(rig, head, vc, size, backend=args.renderer)
             run = {"variant": vname, "steps": steps, "refine_seconds": refine_s,
                    "seconds_per_avatar": predict_s + refine_s, **score(frames, vc, not args.no_csim),
                    "source_psnr": [report.get("source_psnr_before"), report.get("source_psnr_after")]}
@@ -205,7 +205,7 @@ def score_saved(args, items: list[Path], head, device) -> int:
             for run in clip_res["runs"]:
                 A = torch.from_numpy(z[f"{run['variant']}__{run['steps']}"]).float()[None].to(device)
                 rig = AvatarRig(head, uv, A, vc.src_params.shape, dp)
-                res = score(render_reenactment(rig, head, vc, meta["size"], backend="torch"), vc, True)
+                res = score(render_reenactment(rig, head, vc, meta["size"], backend="torch")[0], vc, True)
                 run["csim"], run["csim_scored_on"] = res["csim"], "cpu (saved avatars)"
                 run["models"].update(res["models"])
                 run["unavailable"] = {k: v for k, v in res["unavailable"].items() if k == "csim"}

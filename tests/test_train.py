@@ -397,3 +397,18 @@ def test_video_pack_keeps_the_pixels_and_loads_as_a_clip(dataset, tmp_path):
         want_img, want_mat = ref.pixels(old)
         assert np.abs(img.astype(int) - want_img.astype(int)).mean() < 4
         assert np.abs(mat.astype(int) - want_mat.astype(int)).mean() < 3
+
+
+def test_silhouette_overlap_measures_a_head_rendered_too_small():
+    """The validation's size check: a disc of half the matte's radius covers a quarter of it (coverage 0.25,
+    IoU 0.25); the same disc covers it fully."""
+    from pipelines.train.validate import silhouette_overlap
+
+    yy, xx = np.mgrid[:64, :64] - 31.5
+    r = np.hypot(yy, xx)
+    matte = (r < 24).astype(np.float32)[None]
+    small = (r < 12).astype(np.float32)[None]
+    coverage, iou = silhouette_overlap(small, matte)
+    assert coverage[0] == pytest.approx(0.25, abs=0.02) and iou[0] == pytest.approx(0.25, abs=0.02)
+    coverage, iou = silhouette_overlap(matte, matte)
+    assert coverage[0] == 1.0 and iou[0] == 1.0

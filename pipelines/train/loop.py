@@ -6,7 +6,8 @@ Output folder layout::
     <out>/notes.json                  data used, and what could not be done here (LPIPS, L_id, novel views, flip)
     <out>/train_log.csv               step, lr, every loss term (unweighted, averaged over the logging window),
                                       the weighted total, gradient norm, seconds per step
-    <out>/val.csv                     step, clip, method (network | untrained | init | baseline), PSNR, SSIM, frames
+    <out>/val.csv                     step, clip, method (network | untrained | init | baseline), PSNR, SSIM,
+                                      silhouette coverage and IoU (validate.py), frames
                                       ("init": the network at step 0 when it started from --init-weights)
     <out>/val_grid_<step>.png         source | target | ours | baseline, two targets per validation clip
     <out>/losses.png                  loss curves (PIL)
@@ -58,7 +59,7 @@ from .validate import comparison_grid, validate_baseline, validate_network
 LOSS_TERMS = ("l1", "perceptual", "alpha", "id", "aux_perceptual", "aux_alpha", "3d", "eye", "pos", "shape",
               "shape_tv")
 LOG_COLUMNS = ("step", "lr", "total", *LOSS_TERMS, "grad_norm", "sec_per_step")
-VAL_COLUMNS = ("step", "clip", "method", "psnr", "ssim", "frames")
+VAL_COLUMNS = ("step", "clip", "method", "psnr", "ssim", "coverage", "iou", "frames")
 PLOT_TERMS = ["total", "l1", "perceptual", "alpha", "id", "aux_perceptual", "3d", "eye", "pos", "shape_tv"]
 
 Progress = Callable[[int, int, dict], None] | None

@@ -1,5 +1,9 @@
 """Validation on held-out clips: self-reenactment PSNR / SSIM of the network and of the no-network baseline.
 
+Besides the image metrics each clip reports how well the rendered silhouette covers the person: ``coverage`` is the
+rendered alpha area over the target matte's area (1 = same size; < 1 = the head comes out too small) and ``iou`` the
+intersection over union of the two silhouettes (both thresholded at 0.5).
+
 For each validation clip the first tracked frame is the source; the avatar is driven by the tracked motion of the
 following frames and rendered from their cameras, then compared with those frames (both on the white background
 the preprocess composites on). The baseline is ``reconstruct.unproject_maps`` (source colours unprojected onto the
@@ -24,15 +28,28 @@ from .forward import predict_avatar, render_rig
 
 @dataclass
 class ValResult:
-    """Per clip: rendered frames (T, H, W, 3) float in [0, 1] and their PSNR / SSIM (T,)."""
+    """Per clip: rendered frames (T, H, W, 3) float in [0, 1], their PSNR / SSIM (T,) and silhouette coverage / IoU
+    against the target mattes (T,)."""
 
     name: str
     frames: np.ndarray
     psnr: np.ndarray
     ssim: np.ndarray
+    coverage: np.ndarray
+    iou: np.ndarray
 
     def summary(self) -> dict[str, float]:
-        return {"psnr": float(np.mean(self.psnr)), "ssim": float(np.mean(self.ssim)), "frames": int(len(self.psnr))}
+        return {"psnr": float(np.mean(self.psnr)), "ssim": float(np.mean(self.ssim)),
+                "coverage": float(np.mean(self.coverage)), "iou": float(np.mean(self.iou)),
+                "frames": int(len(self.psnr))}
+
+
+def silhouette_overlap(alpha: np.ndarray, matte: np.ndarray, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage (rendered area / matte area) and IoU per frame of alpha (T, H, W) against matte (T, H, W)."""
+    a, m = alpha > threshold, matte > threshold
+    area = np.maximum(m.sum((1, 2)), 1)
+    union = np.maximum((a | m).sum((1, 2)), 1)
+    return a.sum((1, 2)) / area, (a & m).sum((1, 2)) / union
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -41,9 +58,9 @@ def _np(x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def render_reenactment(rig: AvatarRig, head: HeadModel, clip: ValClip, size: int, chunk: int = 8,
-                       backend: str = "auto") -> np.ndarray:
-    """(T, size, size, 3) renders of the rig driven by the clip's target frames."""
-    out = []
+                       backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Renders of the rig driven by the clip's target frames: rgb (T, size, size, 3) and alpha (T, size, size)."""
+    out, alphas = [], []
     T = clip.tgt_img.shape[0]
     for s in range(0, T, chunk):
         idx = slice(s, min(s + chunk, T))
@@ -52,12 +69,15 @@ def render_reenactment(rig: AvatarRig, head: HeadModel, clip: ValClip, size: int
         verts = head(p)
         r = render_rig(rig, verts, clip.tgt_c2w[idx], clip.K.expand(verts.shape[0], 3, 3), size, backend=backend)
         out.append(_np(r.rgb))
-    return np.concatenate(out)
+        alphas.append(_np(r.alpha)[..., 0])
+    return np.concatenate(out), np.concatenate(alphas)
 
 
-def score(name: str, frames: np.ndarray, clip: ValClip, size: int) -> ValResult:
+def score(name: str, rendered: tuple[np.ndarray, np.ndarray], clip: ValClip, size: int) -> ValResult:
+    frames, alpha = rendered
     gt = _np(resize_images(clip.tgt_img, size))
-    return ValResult(name, frames, psnr(frames, gt), ssim(frames, gt))
+    coverage, iou = silhouette_overlap(alpha, _np(resize_images(clip.tgt_matte, size))[..., 0])
+    return ValResult(name, frames, psnr(frames, gt), ssim(frames, gt), coverage, iou)
 
 
 @torch.no_grad()
