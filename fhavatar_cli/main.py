@@ -44,7 +44,9 @@ Force = Annotated[bool, typer.Option(help="Redo finished work.")]
 FailFast = Annotated[bool, typer.Option(help="Stop at the first failed item.")]
 Renderer = Annotated[str, typer.Option(help=RENDERER_HELP)]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-HeadModel = Annotated[str, typer.Option(help="auto (FLAME if found, else embedded), flame or embedded.")]
+HeadModel = Annotated[str, typer.Option(help="auto (the head model the network weights were trained on: "
+                                        "ict for the shipped ones), ict (ICT-FaceKit, shipped), flame "
+                                        "(user-supplied, FHAVATAR_FLAME) or embedded (hand-made, legacy).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder (one sub-folder per input item).")]
 Output = Annotated[Optional[Path], typer.Option(
     "--output", help="Write this one mp4 instead (a single input; its manifest is kept beside it, in a hidden "
@@ -302,10 +304,11 @@ def _is_video(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in VIDEO_EXTS
 
 
-def _load_head(head_model: str, device: str):
+def _load_head(head_model: str, device: str, weights: str | None = None):
+    """The head model; ``auto`` follows the network weights in use (``weights``, None: the default file)."""
     from pipelines.head.registry import load_head_model
 
-    return load_head_model(head_model, device=device)
+    return load_head_model(head_model, device=device, weights=weights)
 
 
 def _finish(results) -> None:
@@ -461,8 +464,8 @@ def reconstruct(
                       refine_steps=refine_steps, weights=weights, prior=prior).validate()
         items = _select(inputs, IMAGE_EXTS + VIDEO_EXTS, common.shard)
         _output_folder(out)
-        head = _load_head(head_model, dev)
-        cfg, net = with_network(cfg, dev, uv_size)  # the weights are checked once, before any item (exit 3)
+        head = _load_head(head_model, dev, cfg.weights)
+        cfg, net = with_network(cfg, dev, uv_size, head)  # the weights are checked once, before any item (exit 3)
     except FhavatarError as e:
         fail(e)
 
@@ -490,14 +493,15 @@ def reenact(
     fps: Optional[float] = typer.Option(None, help="Frames per second."),
     max_frames: Optional[int] = typer.Option(None, help="Use at most N driving frames (0 = all)."),
     background: Optional[str] = typer.Option(None, help="white, black, grey, #RRGGBB or r,g,b."),
-    head_model: Annotated[str, typer.Option(help="Head model for tracking driving videos: auto, flame or "
-                                            "embedded.")] = "auto",
+    head_model: Annotated[str, typer.Option(help="Head model for tracking driving videos: auto (the avatar's), "
+                                            "ict, flame or embedded.")] = "auto",
     *,
     common: Common,
 ) -> None:
     """Drive an avatar with videos or tracked motion and render it (mp4, optional PNG + alpha)."""
     ui, dev = common.ui, common.device
     from pipelines.batch import run_batch
+    from pipelines.avatar.head import avatar_head_kind
     from pipelines.reenact import ReenactConfig, check_driving_files
     from pipelines.stages import avatar_item_dir, reenact_item
     from pipelines.store import VIDEO_EXTS
@@ -511,7 +515,7 @@ def reenact(
         root = _output_folder(out if out is not None else avatar_item_dir(avatar_path).parent)
         # Tracked motion is checked against the avatar now, naming the file; videos once they are tracked.
         check_driving_files(avatar_path, [s for s in specs if not _is_video(s)])
-        head = _load_head(head_model, dev)
+        head = _load_head(avatar_head_kind(avatar_path) if head_model == "auto" else head_model, dev)
     except FhavatarError as e:
         fail(e)
 
@@ -716,13 +720,13 @@ def run_chain(
         items = _select(inputs, IMAGE_EXTS + VIDEO_EXTS, common.shard)
         drivers = _select(driving, VIDEO_EXTS + (".npz",), "0/1") if driving else []  # every task drives with all
         _output_folder(out)
-        head = _load_head(head_model, dev)
+        head = _load_head(head_model, dev, weights)
         for d in drivers:  # tracked motion must fit the avatars this run makes (with ``head``)
             if not _is_video(d):
                 check_driving(driving_tracking(d), str(d), head.name, head.n_shape, head.n_expr)
         rcfg = _config(ReenactConfig, size=size)
         tcfg = None if turntable_frames == 0 else _config(TurntableConfig, frames=turntable_frames, size=size)
-        cfg, net = with_network(_config(ReconstructConfig, method=method, weights=weights).validate(), dev)
+        cfg, net = with_network(_config(ReconstructConfig, method=method, weights=weights).validate(), dev, None, head)
     except FhavatarError as e:
         fail(e)
 

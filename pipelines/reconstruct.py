@@ -68,9 +68,13 @@ class ReconstructConfig:
         return dataclasses.replace(self, refine_steps=self.refine.auto_steps if cuda else 0)
 
 
-def with_network(cfg: ReconstructConfig, device: str = "cpu", uv_size: int | None = None):
+def with_network(cfg: ReconstructConfig, device: str = "cpu", uv_size: int | None = None,
+                 head: HeadModel | None = None):
     """``(cfg, net)``: for ``--method network`` the network loaded and checked once, before any item runs, with K
     taken from its checkpoint; ``(cfg, None)`` for the other methods.
+
+    A network only works on the head model it was trained on (its UV layout and geometry): weights recording
+    another head than ``head``, or another UV layout of it, are a ``ConfigError`` naming both.
 
     The checkpoint owns K: a ``uv_size`` the user asked for (None: not asked) that differs is a ``ConfigError``
     here, not a shape error in every item. ``weights='random'`` builds an untrained network of ``cfg.uv_size``.
@@ -79,8 +83,19 @@ def with_network(cfg: ReconstructConfig, device: str = "cpu", uv_size: int | Non
     if cfg.method != "network":
         return cfg, None
     from .network.config import NetworkConfig
-    from .network.weights import load_network
+    from .network.weights import load_network, weights_head
+    from .uv.space import uv_layout_digest
 
+    trained_on = weights_head(cfg.weights)
+    if head is not None and trained_on is not None:
+        if trained_on["head"] != head.kind:
+            raise ConfigError(f"the network weights were trained on the '{trained_on['head']}' head model, not "
+                              f"'{head.kind}'", f"use --head-model {trained_on['head']} (or auto), or weights "
+                              f"trained on '{head.kind}'")
+        if trained_on.get("head_digest", uv_layout_digest(head)) != uv_layout_digest(head):
+            raise ConfigError(f"the network weights were trained on another version of the '{head.kind}' head model "
+                              f"(UV layout {trained_on['head_digest']}, this one {uv_layout_digest(head)})",
+                              "use the head model files the weights were trained with, or retrain")
     net = load_network(cfg.weights, device, prior=cfg.prior if cfg.prior != "builtin" else None,
                        config=NetworkConfig(uv_size=cfg.uv_size, prior=cfg.prior))
     K = net.config.uv_size

@@ -441,25 +441,41 @@ def test_find_flame_file(tmp_path, monkeypatch, fx):
     assert registry.find_flame_file() == nested / "generic_model.pkl"
 
 
+def _weights_for_head(path, head: str | None):
+    """A tiny network checkpoint whose metadata records ``head`` (None: a file from before heads were recorded)."""
+    from pipelines.network import NetworkConfig
+    from pipelines.network.model import FHAvatarNet
+    from pipelines.network.weights import save_checkpoint
+
+    save_checkpoint(path, FHAvatarNet(NetworkConfig.tiny()), extra={"step": 1, **({"head": head} if head else {})})
+    return str(path)
+
+
 def test_load_head_model_kinds(tmp_path, monkeypatch, fx):
+    """``auto`` follows the head the network weights were trained on: FLAME only for FLAME-trained weights, the
+    embedded head for files that record none (the first shipped weights), ICT-FaceKit without a network."""
     monkeypatch.setattr(registry, "default_search_dirs", lambda: [tmp_path / "none"])
     monkeypatch.setenv(registry.ENV_VAR, str(fx.path))
-    m = registry.load_head_model("auto")
+    flame_weights = _weights_for_head(tmp_path / "flame.safetensors", "flame")
+    m = registry.load_head_model("auto", weights=flame_weights)
     assert isinstance(m, FlameHeadModel) and m.source == fx.path
     m2 = registry.load_head_model("flame", flame_path=str(fx.path.parent))
     assert isinstance(m2, FlameHeadModel)
     with pytest.raises(ConfigError, match="unknown head model kind 'smpl'"):
         registry.load_head_model("smpl")
+    # a FLAME file present does not make auto pick FLAME for weights trained on another head, or for no network
+    assert registry.resolve_head_kind("auto", _weights_for_head(tmp_path / "ict.safetensors", "ict")) == "ict"
+    assert registry.resolve_head_kind("auto", "random") == registry.DEFAULT_KIND == "ict"
+    assert registry.resolve_head_kind("auto", _weights_for_head(tmp_path / "old.safetensors", None)) == "embedded"
+    assert registry.resolve_head_kind("embedded", flame_weights) == "embedded"
 
     monkeypatch.delenv(registry.ENV_VAR)
     with pytest.raises(WeightsError, match="flame.is.tue.mpg.de"):
         registry.load_head_model("flame")
-    try:
-        from pipelines.head.embedded import EmbeddedHeadModel
-    except ImportError as e:  # the embedded model is written separately
-        pytest.skip(f"EmbeddedHeadModel is not available yet ({e}): cannot check the embedded fallback")
+    with pytest.raises(WeightsError, match="flame.is.tue.mpg.de"):
+        registry.load_head_model("auto", weights=flame_weights)
+    from pipelines.head.embedded import EmbeddedHeadModel
 
-    assert isinstance(registry.load_head_model("auto"), EmbeddedHeadModel)
     monkeypatch.setenv(registry.ENV_VAR, str(fx.path))
     assert isinstance(registry.load_head_model("embedded"), EmbeddedHeadModel)
 

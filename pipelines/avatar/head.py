@@ -7,6 +7,8 @@ Gaussians to it. Reconstruct writes the record, reenact / turntable / evaluate r
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..errors import InputError
@@ -21,11 +23,26 @@ def head_record(head: HeadModel) -> dict[str, str]:
     return {"kind": head.kind, "name": head.name, "digest": uv_layout_digest(head)}
 
 
+def weights_head_record(head: HeadModel) -> dict[str, str]:
+    """What network weights store about the head they were trained on (their metadata's ``extra``): its kind, which
+    ``--head-model auto`` follows, and its UV-layout digest, which reconstruct checks."""
+    return {"head": head.kind, "head_digest": uv_layout_digest(head)}
+
+
+def avatar_head_kind(avatar: Avatar | str | Path) -> str:
+    """The registry kind of the head model the avatar (or avatar file) was made with."""
+    if not isinstance(avatar, Avatar):
+        from .artifact import load_avatar
+
+        avatar = load_avatar(avatar)
+    return avatar.head_model.get("kind", "embedded")
+
+
 def head_for_avatar(avatar: Avatar, device="cpu", avatar_name: str = "avatar") -> HeadModel:
     """Load the head model the avatar was made with and check it is the same one (by digest)."""
     from ..head.registry import load_head_model
 
-    kind = avatar.head_model.get("kind", "embedded")
+    kind = avatar_head_kind(avatar)
     head = load_head_model(kind, device=device)
     want = avatar.head_model.get("digest")
     if want and uv_layout_digest(head) != want:

@@ -263,7 +263,7 @@ def evaluate(
             always the first frame (the paper's protocol).
         shard: (i, n): this job evaluates the i-th of n round-robin parts.
         device: torch device for reconstruction and rendering (metrics run on CPU).
-        head_model: auto | flame | embedded.
+        head_model: auto (the head the network weights were trained on) | ict | flame | embedded.
         progress: called with one-line messages (stage statuses).
         on_result: called with each video's ``ItemResult`` as soon as it is finished.
         net_loader: ``f(recon_cfg) -> FHAvatarNet`` for method "network" (default: load ``recon_cfg.weights``).
@@ -283,32 +283,21 @@ def evaluate(
         raise InputError(f"evaluation inputs must be videos, got '{bad[0]}'", f"pass {', '.join(VIDEO_EXTS)} files")
     pairs = plan_pairs([Path(v) for v in videos], cfg.protocol, cfg.pair_offset)
     mine = pairs[shard[0]::shard[1]]
+    weights = recon.weights if recon.method == "network" else None
+    head_cpu = load_head_model(head_model, device="cpu", weights=weights)
+    head_dev = head_cpu if device == "cpu" else load_head_model(head_model, device=device, weights=weights)
     if recon.method == "network":
         if weights_sha256 is None:
             weights_sha256 = weights_digest(recon)  # fails once, early, with the fix
         if net_loader is None:
-            net_loader = _default_net_loader(device)
-    head_cpu = load_head_model(head_model, device="cpu")
-    head_dev = head_cpu if device == "cpu" else load_head_model(head_model, device=device)
+            from ..reconstruct import with_network
+
+            net = with_network(recon, device, None, head_cpu)[1]  # checked once: readable, trained on this head
+            net_loader = lambda c: net  # noqa: E731
     ctx = _Context(Path(out), cfg, recon, head_cpu, head_dev, device, net_loader, progress, force,
                    weights_sha256)
     jobs = [(p.driving.name, p.driving_id, (lambda p=p: _evaluate_pair(ctx, p))) for p in mine]
     return run_batch(jobs, on_result=on_result, fail_fast=fail_fast)
-
-
-def _default_net_loader(device: str) -> Callable:
-    cache: dict = {}
-
-    def load(c):
-        if "net" not in cache:
-            from ..network.config import NetworkConfig
-            from ..network.weights import load_network
-
-            cache["net"] = load_network(c.weights, device, prior=c.prior if c.prior != "builtin" else None,
-                                        config=NetworkConfig(uv_size=c.uv_size, prior=c.prior))
-        return cache["net"]
-
-    return load
 
 
 def _say(ctx: _Context, msg: str) -> None:

@@ -1,4 +1,9 @@
-"""Which head model to use: FLAME when its file can be found, else the embedded open head model.
+"""Which head model to use.
+
+``auto`` is the head model the network weights in use were trained on (recorded in the weights file: ICT-FaceKit
+for the shipped weights; ``embedded`` for files from before heads were recorded; ICT for ``random`` or when no
+weights can be found). A network only works on the head it was trained on: its UV layout and geometry are that
+head's. FLAME is used when asked for (``--head-model flame``), found as below.
 
 FLAME file search order (:func:`find_flame_file`):
 
@@ -83,39 +88,54 @@ def find_flame_file(search_dirs: list[Path] | None = None) -> Path | None:
     return None
 
 
+DEFAULT_KIND = "ict"  # the shipped open head model; what ``auto`` is without a network to follow
+
+
+def resolve_head_kind(kind: str = "auto", weights: str | None = None) -> str:
+    """``kind`` itself, or for ``"auto"`` the head the network weights ``weights`` (None: the default file) were
+    trained on, ``DEFAULT_KIND`` when there are none (``"random"``, no file)."""
+    if kind not in KINDS:
+        raise ConfigError(f"unknown head model kind '{kind}'", f"use one of {', '.join(KINDS)}")
+    if kind != "auto":
+        return kind
+    from ..network.weights import weights_head_kind  # lazy: the network package is not needed for a named head
+
+    try:
+        return weights_head_kind(weights) or DEFAULT_KIND
+    except WeightsError:  # no weights: the method needs none, or the network loader says so with its own fix
+        return DEFAULT_KIND
+
+
 def load_head_model(
     kind: str = "auto",
     flame_path: str | None = None,
     device: str | torch.device = "cpu",
     flame_config: FlameConfig | None = None,
+    weights: str | None = None,
 ) -> HeadModel:
     """Build the head model.
 
     Args:
-        kind: 'auto' (FLAME if a file is found, else the embedded model), 'flame', 'ict' (ICT-FaceKit, shipped) or
-            'embedded'.
+        kind: 'auto' (the head of the network weights ``weights``, see :func:`resolve_head_kind`), 'flame', 'ict'
+            (ICT-FaceKit, shipped) or 'embedded'.
         flame_path: a FLAME pickle or a folder holding one; overrides the search of :func:`find_flame_file`.
         device: where the buffers go.
         flame_config: FLAME options (components, mouth closing, asset paths).
+        weights: the network weights ``auto`` follows (None: the default file).
     """
-    if kind not in KINDS:
-        raise ConfigError(f"unknown head model kind '{kind}'", f"use one of {', '.join(KINDS)}")
+    kind = resolve_head_kind(kind, weights)
     if kind == "ict":
         from .ict import IctHeadModel  # lazy: reads the shipped asset
 
         return IctHeadModel().to(device)
-    path = None
-    if kind != "embedded":
-        path = _resolve(flame_path, "FLAME path") if flame_path else find_flame_file()
-    if kind == "flame" and path is None:
-        raise WeightsError("head model 'flame' requested but no FLAME file was found", FLAME_FIX)
-    if path is not None:
-        model: HeadModel = FlameHeadModel(path, flame_config)
-    else:
-        from .embedded import EmbeddedHeadModel  # lazy: only needed without FLAME
+    if kind == "embedded":
+        from .embedded import EmbeddedHeadModel  # lazy: only needed for the hand-made head
 
-        model = EmbeddedHeadModel()
-    return model.to(device)
+        return EmbeddedHeadModel().to(device)
+    path = _resolve(flame_path, "FLAME path") if flame_path else find_flame_file()
+    if path is None:
+        raise WeightsError("head model 'flame' requested but no FLAME file was found", FLAME_FIX)
+    return FlameHeadModel(path, flame_config).to(device)
 
 
 def head_model_id(head: HeadModel) -> str:

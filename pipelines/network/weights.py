@@ -119,6 +119,30 @@ def read_config(path: str | Path, meta: dict[str, str] | None = None) -> Network
         raise WeightsError(f"network weights '{path}' have a corrupt config ({type(e).__name__})", _FIX) from e
 
 
+LEGACY_HEAD = "embedded"  # weights saved before files recorded their head model were all trained on it
+
+
+def weights_head(spec: str | Path | None = None) -> dict[str, str] | None:
+    """What the checkpoint records about the head model it was trained on (``avatar.head.weights_head_record``):
+    ``{"head": kind, "head_digest": ...}``; ``None`` for ``"random"`` (an untrained network fits any head). Files
+    that record none were trained on ``LEGACY_HEAD`` (no digest)."""
+    path = resolve_weights(str(spec) if spec is not None else None)
+    if path == RANDOM:
+        return None
+    try:
+        extra = json.loads(read_metadata(Path(path)).get("extra") or "{}")
+    except ValueError:
+        extra = {}
+    extra = extra if isinstance(extra, dict) else {}
+    return {k: str(extra[k]) for k in ("head", "head_digest") if extra.get(k)} or {"head": LEGACY_HEAD}
+
+
+def weights_head_kind(spec: str | Path | None = None) -> str | None:
+    """The head model kind (``"ict"``, ``"embedded"``, ...) the checkpoint was trained on; None for ``"random"``."""
+    rec = weights_head(spec)
+    return rec["head"] if rec else None
+
+
 def load_network(spec: str | Path | None = None, device: str = "cpu", prior: str | None = None,
                  config: NetworkConfig | None = None) -> FHAvatarNet:
     """Build the network from a checkpoint (or ``"random"`` with ``config``), in eval mode on ``device``."""

@@ -83,7 +83,7 @@ class TrainConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    head: str = "embedded"  # head model kind: embedded | flame | auto
+    head: str = "ict"  # head model kind: ict | flame | embedded (the weights record it; reconstruct follows it)
     iterations: int = PAPER_ITERATIONS
     batch_size: int = 4  # per process (with torchrun, the total is batch_size * WORLD_SIZE)
     lr: float = 1e-4

@@ -40,6 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..avatar.head import weights_head_record
 from ..errors import ConfigError
 from ..head.base import HeadParams
 from ..network.model import FHAvatarNet
@@ -161,6 +162,7 @@ def train(
         head = load_head_model(cfg.head, device=device)
     head = head.to(device)
     uv = load_or_build_uv_space(head, cfg.uv_config(), device=device)
+    head_of_weights = weights_head_record(head)  # the weights say which head they work on
     mirror, mirror_note = (None, "flip_prob = 0")
     if cfg.data.flip_prob > 0:
         mirror, mirror_note = HeadMirror.build(head, tolerance=getattr(head, "mirror_tolerance", 1e-4))
@@ -318,7 +320,7 @@ def train(
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save_state()
         if cfg.export_every and step % cfg.export_every == 0 and main_proc:
-            save_checkpoint(out / "fhavatar.safetensors", net, extra={"step": step})
+            save_checkpoint(out / "fhavatar.safetensors", net, extra={"step": step, **head_of_weights})
         if cfg.val_every and step % cfg.val_every == 0 and step < limit_step:
             validation = run_validation(step)
     else:
@@ -333,7 +335,7 @@ def train(
             _flush_log(out, step, cfg.lr_at(max(step - 1, 0)), window, window_n, window_t0, progress, cfg.iterations)
         save_state()
         weights_path = out / "fhavatar.safetensors"
-        save_checkpoint(weights_path, net, extra={"step": step, "config_digest": cfg.digest(),
+        save_checkpoint(weights_path, net, extra={"step": step, "config_digest": cfg.digest(), **head_of_weights,
                                                   "train_items": sorted(notes["train_items"])})
         if step > 0 or not validation:
             validation = run_validation(step) or validation
