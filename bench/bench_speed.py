@@ -1,23 +1,32 @@
-"""Speed of the avatar pipeline on a GPU: reenact, turntable, reconstruct, tracking; before/after the pose-step work.
+"""Speed of the avatar pipeline on a GPU: reenact, turntable, reconstruct, tracking; pruning's quality bound.
 
-Run on the GPU machine (gsplat==1.5.3, imageio-ffmpeg, ffmpeg-python installed)::
+Run on the GPU machine (gsplat==1.5.3; ``. tools/gpu_env.sh`` first), the issue-16 run::
 
-    git show <commit>:pipelines/avatar/binding.py > build/bench_baseline/binding.py   # the code "before"
-    git show <commit>:pipelines/animate.py        > build/bench_baseline/animate.py
-    python bench/bench_speed.py --baseline build/bench_baseline --out results/speed.json
+    python3 bench/bench_speed.py --val-data build/val16 --out $OUT     # $OUT/bench_speed.json + bench_speed.md
 
-or, anywhere, a CPU dry run at tiny sizes (torch reference rasterizer, tiny network) that exercises every section::
+(``build/val16``: the validation clips' preprocessed folders, frame 0 and 8 driven frames each; ``--head-model``
+defaults to ict; ``--baseline DIR`` adds the pose/loop code of an older commit, ``git show C:pipelines/avatar/
+binding.py > DIR/binding.py`` and the same for ``pipelines/animate.py``). Anywhere, the bench's logic at tiny sizes on
+the CPU (torch reference rasterizer; ``tests/test_bench_speed.py`` runs it)::
 
-    python bench/bench_speed.py --cpu-dry --baseline build/bench_baseline --out /tmp/speed_dry.json
+    python bench/bench_speed.py --smoke --out /tmp/speed_smoke
+
+Sections, in order (``--only``): **prune** (validation clips: PSNR of pruned vs whole avatars; adds the first clip's
+avatars, whole and pruned, to the rigs timed below), **gsplat_options** (floor of each packed / tile-size layout;
+the fastest is used from then on), **reenact**, **stages** (CUDA events between the stages of one eager call:
+input copies, skinning, attribute assembly, render and gsplat's own projection / intersection + sort / rasterize,
+readback), **pipeline**, **scaling**; also turntable, reconstruct, tracking, compiled on request.
 
 What is timed (GPU: CUDA events around each call, median of ``--reps`` calls after warm-up; host wall clock where the
 work ends on the CPU: readback, encoding, tracking):
 
-* **reenact**: the steady state of ``pipelines.animate.render_sequence`` without encoding. Motion (``HeadParams`` for
+* **reenact**: for each rig (a random template; with ``--val-data`` a real avatar, whole and pruned) the steady
+  state of ``pipelines.animate.render_sequence`` without encoding. Motion (``HeadParams`` for
   T frames) and cameras are precomputed on the device. Per call of ``batch`` frames: head-model LBS + Gaussian
   deformation (``AvatarRig.pose_params``) + gsplat render (``render_gaussians``). Variants: the **floor** (the bare
   render of the same, already posed Gaussians), ``baseline`` (the pose code of ``--baseline``), ``eager`` (this
-  tree's ``pose_params``), ``graph`` (this tree's ``pose_graph``: the pose step replayed as a CUDA graph) and, with
+  tree's ``pose_params``), ``graph`` (this tree's ``pose_graph``: the pose step replayed as a CUDA graph),
+  ``overlap`` (the product loop: the next call's pose graph on a second stream while this call renders) and, with
   ``--compile``, ``compiled`` (``torch.compile(mode="reduce-overhead")`` of the pose step: what kernel fusion buys).
   Also the pose step alone, and the whole loop with readback to numpy (``render_sequence``, before and after).
 * **scaling**: floor and graph e2e at 256/512/1024 px, and at UV sizes 128/256/512 (Gaussian counts).
@@ -26,8 +35,11 @@ work ends on the CPU: readback, encoding, tracking):
 * **tracking**: ``pipelines.tracking.fit.track`` (a CPU Levenberg-Marquardt solver) on synthetic landmarks.
 
 Correctness first: the new pose step is compared with the baseline (relative L2 of means/quats/scales), the CUDA
-graph with eager posing (outputs poisoned with NaN before the replay), and the rendered frames of the new and the
-baseline loops; the script exits 1 if a check fails. Peak GPU memory (``torch.cuda.max_memory_allocated``) is
+graph with eager posing (outputs poisoned with NaN before the replay), the frames of the product loop
+(``render_sequence``: second stream, two graph slots) with eager posing and rendering, and the rendered frames of
+the new and the baseline loops; the script exits 1 if a check fails or a pruned avatar loses more than 0.1 dB PSNR
+on a validation clip. The table ends with the issue's targets (end-to-end batch 1 >= 1000 FPS, batch 8 <= 1.3x the
+floor: the best of the graph and overlap variants on the pruned avatar; the pruning bound). Peak GPU memory (``torch.cuda.max_memory_allocated``) is
 recorded for every measurement.
 """
 
