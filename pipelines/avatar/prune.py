@@ -43,13 +43,17 @@ class PruneConfig:
     """Which Gaussians an avatar keeps (see the module docstring); 0 switches a test off."""
 
     min_opacity: float = 1.0 / 255.0  # below: never drawn (the renderers skip alpha < 1/255): lossless
-    min_contribution: float = 0.0  # largest per-view sum of w_i over the views, in pixels at 512²; 0 = off
+    # Largest per-view sum of w_i over the views, in pixels at 512²; 0 = off. Measured on lp_d0 (ICT, unproject,
+    # K = 256): 1.0 drops 31% of the Gaussians (the 28% never drawn in any view among them), the render moves by
+    # 52.7 dB PSNR, its PSNR against the frames by 0.000 dB. Off by default until the GPU run confirms it on the
+    # validation split: on the CPU the 144 scoring renders take minutes.
+    min_contribution: float = 0.0
     max_gaussians: int = 0  # keep at most this many, by contribution (or opacity); 0 = no cap
     views: int = 8  # yaw steps of the scoring cameras over 360 degrees
     pitches: tuple[float, ...] = (-25.0, 0.0, 25.0)  # degrees; each with every yaw
     jaw_open: float = 0.35  # radians: a pose with the mouth open (its inside seen)
     gaze: float = 0.35  # radians: poses with the eyes turned left, right, up and down (0: none)
-    size: int = 256  # pixels of the scoring renders (scores are scaled to 512²)
+    size: int = 128  # pixels of the scoring renders (scores scaled to 512²; the 0.3 px dilation makes coarse renders over-estimate small footprints)
 
     def __post_init__(self) -> None:
         self.pitches = tuple(float(p) for p in self.pitches)  # type: ignore[assignment]
