@@ -39,8 +39,8 @@ graph with eager posing (outputs poisoned with NaN before the replay), the frame
 (``render_sequence``: second stream, two graph slots) with eager posing and rendering, and the rendered frames of
 the new and the baseline loops; the script exits 1 if a check fails or a pruned avatar loses more than 0.1 dB PSNR
 on a validation clip. The table ends with the issue's targets (end-to-end batch 1 >= 1000 FPS, batch 8 <= 1.3x the
-floor: the best of the graph and overlap variants on the pruned avatar; the pruning bound). Peak GPU memory (``torch.cuda.max_memory_allocated``) is
-recorded for every measurement.
+floor: the best of the graph and overlap variants on the pruned avatar; the pruning bound). Peak GPU memory
+(``torch.cuda.max_memory_allocated``) is recorded for every measurement.
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ class Settings:
 
     @classmethod
     def smoke(cls) -> "Settings":
-        return cls(device="cpu", backend="torch", uv_size=32, hair_grid=(64, 8), uv_vertices=False, size=48, batches=(1, 2),
+        return cls(device="cpu", backend="torch", uv_size=32, hair_grid=(64, 8), uv_vertices=False, size=48,
+                   batches=(1, 2),
                    motion_frames=8, reps=2, warmup=1, pipeline_frames=4, sizes=(32, 48), uv_sizes=(32,),
                    turntable_frames=6, net_batches=(1,), net_reps=1, tiny_network=True, track_frames=12,
                    packed=(False,), tile_sizes=(16,), val_frames=2)

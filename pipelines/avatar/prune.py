@@ -53,7 +53,9 @@ class PruneConfig:
     pitches: tuple[float, ...] = (-25.0, 0.0, 25.0)  # degrees; each with every yaw
     jaw_open: float = 0.35  # radians: a pose with the mouth open (its inside seen)
     gaze: float = 0.35  # radians: poses with the eyes turned left, right, up and down (0: none)
-    size: int = 128  # pixels of the scoring renders (scores scaled to 512²; the 0.3 px dilation makes coarse renders over-estimate small footprints)
+    # Pixels of the scoring renders (scores scaled to 512²; the 0.3 px dilation makes coarse renders over-estimate
+    # small footprints rather than miss them).
+    size: int = 128
 
     def __post_init__(self) -> None:
         self.pitches = tuple(float(p) for p in self.pitches)  # type: ignore[assignment]
