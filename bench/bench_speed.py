@@ -1,23 +1,32 @@
-"""Speed of the avatar pipeline on a GPU: reenact, turntable, reconstruct, tracking; before/after the pose-step work.
+"""Speed of the avatar pipeline on a GPU: reenact, turntable, reconstruct, tracking; pruning's quality bound.
 
-Run on the GPU machine (gsplat==1.5.3, imageio-ffmpeg, ffmpeg-python installed)::
+Run on the GPU machine (gsplat==1.5.3; ``. tools/gpu_env.sh`` first), the issue-16 run::
 
-    git show <commit>:pipelines/avatar/binding.py > build/bench_baseline/binding.py   # the code "before"
-    git show <commit>:pipelines/animate.py        > build/bench_baseline/animate.py
-    python bench/bench_speed.py --baseline build/bench_baseline --out results/speed.json
+    python3 bench/bench_speed.py --val-data build/val16 --out $OUT     # $OUT/bench_speed.json + bench_speed.md
 
-or, anywhere, a CPU dry run at tiny sizes (torch reference rasterizer, tiny network) that exercises every section::
+(``build/val16``: the validation clips' preprocessed folders, frame 0 and 8 driven frames each; ``--head-model``
+defaults to ict; ``--baseline DIR`` adds the pose/loop code of an older commit, ``git show C:pipelines/avatar/
+binding.py > DIR/binding.py`` and the same for ``pipelines/animate.py``). Anywhere, the bench's logic at tiny sizes on
+the CPU (torch reference rasterizer; ``tests/test_bench_speed.py`` runs it)::
 
-    python bench/bench_speed.py --cpu-dry --baseline build/bench_baseline --out /tmp/speed_dry.json
+    python bench/bench_speed.py --smoke --out /tmp/speed_smoke
+
+Sections, in order (``--only``): **prune** (validation clips: PSNR of pruned vs whole avatars; adds the first clip's
+avatars, whole and pruned, to the rigs timed below), **gsplat_options** (floor of each packed / tile-size layout;
+the fastest is used from then on), **reenact**, **stages** (CUDA events between the stages of one eager call:
+input copies, skinning, attribute assembly, render and gsplat's own projection / intersection + sort / rasterize,
+readback), **pipeline**, **scaling**; also turntable, reconstruct, tracking, compiled on request.
 
 What is timed (GPU: CUDA events around each call, median of ``--reps`` calls after warm-up; host wall clock where the
 work ends on the CPU: readback, encoding, tracking):
 
-* **reenact**: the steady state of ``pipelines.animate.render_sequence`` without encoding. Motion (``HeadParams`` for
+* **reenact**: for each rig (a random template; with ``--val-data`` a real avatar, whole and pruned) the steady
+  state of ``pipelines.animate.render_sequence`` without encoding. Motion (``HeadParams`` for
   T frames) and cameras are precomputed on the device. Per call of ``batch`` frames: head-model LBS + Gaussian
   deformation (``AvatarRig.pose_params``) + gsplat render (``render_gaussians``). Variants: the **floor** (the bare
   render of the same, already posed Gaussians), ``baseline`` (the pose code of ``--baseline``), ``eager`` (this
-  tree's ``pose_params``), ``graph`` (this tree's ``pose_graph``: the pose step replayed as a CUDA graph) and, with
+  tree's ``pose_params``), ``graph`` (this tree's ``pose_graph``: the pose step replayed as a CUDA graph),
+  ``overlap`` (the product loop: the next call's pose graph on a second stream while this call renders) and, with
   ``--compile``, ``compiled`` (``torch.compile(mode="reduce-overhead")`` of the pose step: what kernel fusion buys).
   Also the pose step alone, and the whole loop with readback to numpy (``render_sequence``, before and after).
 * **scaling**: floor and graph e2e at 256/512/1024 px, and at UV sizes 128/256/512 (Gaussian counts).
@@ -26,9 +35,12 @@ work ends on the CPU: readback, encoding, tracking):
 * **tracking**: ``pipelines.tracking.fit.track`` (a CPU Levenberg-Marquardt solver) on synthetic landmarks.
 
 Correctness first: the new pose step is compared with the baseline (relative L2 of means/quats/scales), the CUDA
-graph with eager posing (outputs poisoned with NaN before the replay), and the rendered frames of the new and the
-baseline loops; the script exits 1 if a check fails. Peak GPU memory (``torch.cuda.max_memory_allocated``) is
-recorded for every measurement.
+graph with eager posing (outputs poisoned with NaN before the replay), the frames of the product loop
+(``render_sequence``: second stream, two graph slots) with eager posing and rendering, and the rendered frames of
+the new and the baseline loops; the script exits 1 if a check fails or a pruned avatar loses more than 0.1 dB PSNR
+on a validation clip. The table ends with the issue's targets (end-to-end batch 1 >= 1000 FPS, batch 8 <= 1.3x the
+floor: the best of the graph and overlap variants on the pruned avatar; the pruning bound). Peak GPU memory
+(``torch.cuda.max_memory_allocated``) is recorded for every measurement.
 """
 
 from __future__ import annotations
@@ -45,7 +57,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -69,23 +81,30 @@ from pipelines.core.camera import (  # noqa: E402
 )
 from pipelines.head.base import HeadModel, HeadParams  # noqa: E402
 from pipelines.head.registry import load_head_model  # noqa: E402
-from pipelines.render import render_gaussians  # noqa: E402
+from pipelines.animate import PosePipeline, _to_host_uint8  # noqa: E402
 from pipelines.avatar.head import head_record  # noqa: E402
+from pipelines.avatar.prune import PruneConfig, prune_avatar, select_samples  # noqa: E402
+from pipelines.render import GsplatOptions, render_gaussians  # noqa: E402
 from pipelines.uv.space import UVConfig, load_or_build_uv_space  # noqa: E402
 
 # Checks: new pose step vs baseline (float32 rounding of the same maths, amplified on ~1 mm triangles for the
 # frames), graph vs eager (same kernels: bitwise equal expected), frames of the new vs baseline loop (uint8).
+# The product loop vs eager posing: the same kernels (graph replay is bitwise eager), so uint8 frames agree to 1 level.
+# Pruning: the pruned avatar's PSNR against the ground truth within 0.1 dB of the whole one's (the issue's bound).
 TOL = {"means_rel": 1e-5, "scales_rel": 1e-5, "quats_rel": 1e-4, "graph_max_abs": 1e-6, "frame_mean_abs": 0.05,
-       "frame_max_abs": 8}
+       "frame_max_abs": 8, "loop_max_abs": 1, "prune_psnr_drop_db": 0.1}
 
 
 @dataclass
 class Settings:
-    """Sizes of one run (GPU defaults; ``dry()`` shrinks everything for the CPU)."""
+    """Sizes of one run (GPU defaults; ``smoke()`` shrinks everything for the CPU)."""
 
     device: str = "cuda"
     backend: str = "gsplat"
+    head_model: str = "ict"
     uv_size: int = 256
+    hair_grid: tuple[int, int] = (1024, 128)  # UVConfig's dense hair grid (cols, rows)
+    uv_vertices: bool = True  # UVConfig.include_vertices (a Gaussian at every UV vertex)
     size: int = 512
     batches: tuple[int, ...] = (1, 8)
     motion_frames: int = 240
@@ -99,12 +118,17 @@ class Settings:
     net_reps: int = 20
     tiny_network: bool = False
     track_frames: int = 500
+    packed: tuple[bool, ...] = (False, True)  # gsplat layouts the options sweep measures
+    tile_sizes: tuple[int, ...] = (8, 16, 32)
+    val_frames: int = 8  # driven frames per validation clip (prune section)
 
     @classmethod
-    def dry(cls) -> "Settings":
-        return cls(device="cpu", backend="torch", uv_size=64, size=64, batches=(1, 2), motion_frames=8, reps=2,
-                   warmup=1, pipeline_frames=4, sizes=(32, 64), uv_sizes=(64,), turntable_frames=6, net_batches=(1,),
-                   net_reps=1, tiny_network=True, track_frames=12)
+    def smoke(cls) -> "Settings":
+        return cls(device="cpu", backend="torch", uv_size=32, hair_grid=(64, 8), uv_vertices=False, size=48,
+                   batches=(1, 2),
+                   motion_frames=8, reps=2, warmup=1, pipeline_frames=4, sizes=(32, 48), uv_sizes=(32,),
+                   turntable_frames=6, net_batches=(1,), net_reps=1, tiny_network=True, track_frames=12,
+                   packed=(False,), tile_sizes=(16,), val_frames=2)
 
 
 # ----------------------------------------------------------------------------------------------------- timing
@@ -207,9 +231,14 @@ def frontal_cameras(head: HeadModel, T: int, yaw_amplitude: float = 20.0) -> Cam
     return Camera(normalized_intrinsics(batch=T), c2w)
 
 
-def make_rig(head: HeadModel, uv_size: int, device: torch.device, rig_cls=AvatarRig, seed: int = 0) -> AvatarRig:
+def uv_config(cfg: "Settings", uv_size: int | None = None) -> UVConfig:
+    return UVConfig(size=uv_size or cfg.uv_size, hair_grid_cols=cfg.hair_grid[0], hair_grid_rows=cfg.hair_grid[1],
+                    include_vertices=cfg.uv_vertices)
+
+
+def make_rig(head: HeadModel, uv: UVConfig, device: torch.device, rig_cls=AvatarRig, seed: int = 0) -> AvatarRig:
     """A template avatar with a random identity, random local rotations and small offsets (so no term is zero)."""
-    uv = load_or_build_uv_space(head, UVConfig(size=uv_size), device=device)
+    uv = load_or_build_uv_space(head, uv, device=device)
     g = torch.Generator().manual_seed(seed)
     maps = template_maps(uv.to("cpu"))
     K = uv.size
@@ -220,9 +249,11 @@ def make_rig(head: HeadModel, uv_size: int, device: torch.device, rig_cls=Avatar
     return rig_cls(head, uv, maps.to(device), shape.to(device))
 
 
-def render(g: Gaussians, viewmats, Ks, size: int, bg, backend: str):
+def render(g: Gaussians, viewmats, Ks, size: int, bg, backend: str, options: GsplatOptions | None = None):
+    """The product's render call (no depth, as ``render_sequence``)."""
+    options = replace(options or GsplatOptions(), depth=False)
     return render_gaussians(g.means, g.quats, g.scales, g.opacities, g.colors, viewmats, Ks, size, size, bg,
-                            backend=backend)
+                            backend=backend, options=options)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -235,16 +266,21 @@ def canon_quat(q: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------------- sections
 class Bench:
-    def __init__(self, cfg: Settings, baseline_dir: Path | None, compile_pose: bool, log: Callable[[str], None]):
+    def __init__(self, cfg: Settings, baseline_dir: Path | None, compile_pose: bool, log: Callable[[str], None],
+                 options: GsplatOptions = GsplatOptions(), prune: PruneConfig = PruneConfig(),
+                 val_data: Path | None = None):
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.log = log
         self.compile_pose = compile_pose
-        self.results: dict = {"checks": {}, "sections": {}}
+        self.options = options
+        self.prune_cfg = prune
+        self.val_data = val_data
+        self.results: dict = {"checks": {}, "sections": {}, "gsplat_options": asdict(options)}
         t = time.perf_counter()
-        self.head_cpu = load_head_model("embedded")
+        self.head_cpu = load_head_model(cfg.head_model)
         self.results["head_build_s"] = time.perf_counter() - t
-        self.head = load_head_model("embedded", device=self.device)
+        self.head = load_head_model(cfg.head_model, device=self.device)
         self.base_binding = self.base_animate = None
         if baseline_dir is not None:
             self.base_binding = load_module("pipelines.avatar._baseline_binding", baseline_dir / "binding.py")
@@ -253,14 +289,17 @@ class Bench:
         # On the device, like the motion: the baseline loop indexes the cameras with device tensors.
         self.cams = frontal_cameras(self.head_cpu, cfg.motion_frames).to(self.device)
         t = time.perf_counter()
-        self.rig = make_rig(self.head, cfg.uv_size, self.device)
+        self.rig = make_rig(self.head, uv_config(cfg), self.device)
         sync(self.device)
         self.results["rig_build_s"] = time.perf_counter() - t
+        self.results["head_model"] = cfg.head_model
         self.results["num_gaussians"] = self.rig.num_gaussians
         self.results["num_vertices"] = int(self.head.v_template.shape[0])
         self.results["num_faces"] = int(self.head.faces.shape[0])
-        self.base_rig = make_rig(self.head, cfg.uv_size, self.device, self.base_binding.AvatarRig) \
+        self.base_rig = make_rig(self.head, uv_config(cfg), self.device, self.base_binding.AvatarRig) \
             if self.base_binding else None
+        # Rigs the reenact section times: the template, then (prune section) a real avatar, whole and pruned.
+        self.rigs: dict[str, AvatarRig] = {"template": self.rig}
 
     # -------------------------------------------------------------------------------------- correctness
     def checks(self) -> bool:
@@ -315,9 +354,38 @@ class Bench:
             r = res["frames_vs_baseline"]
             ok &= len(a) == len(b) == n and r["rgb_mean_abs"] < TOL["frame_mean_abs"]
             ok &= r["rgb_max_abs"] <= TOL["frame_max_abs"] and r["alpha_coverage"] > 0.05
+        ok &= self._check_loop(res)
         res["pass"] = bool(ok)
         self.log(f"checks: {'PASS' if ok else 'FAIL'} {json.dumps(res)}")
         return bool(ok)
+
+    def _check_loop(self, res: dict) -> bool:
+        """The product loop (``render_sequence``: on CUDA the pose step on a second stream, two graph slots in turn)
+        against plain eager posing and rendering, frame by frame; 3 full batches and a partial one, so both slots
+        are reused and the last batch is posed eagerly."""
+        from pipelines.animate import render_sequence
+
+        cfg = self.cfg
+        B = max(cfg.batches)
+        n = min(3 * B + 1, cfg.motion_frames)
+        mp, cams = slice_params(self.motion, 0, n), self.cams[torch.arange(n)]
+        got = list(render_sequence(self.rig, mp, cams, cfg.size, backend=cfg.backend, batch_size=B,
+                                   options=self.options))
+        vm = world_to_camera(cams.c2w)
+        Ks = to_pixel_intrinsics(cams.K, cfg.size, cfg.size)
+        want = []
+        with torch.no_grad():
+            for s in range(0, n, B):
+                k = min(B, n - s)
+                out = render(self.rig.pose_params(slice_params(mp, s, k)), vm[s:s + k], Ks[s:s + k], cfg.size,
+                             torch.ones(k, 3, device=self.device), cfg.backend, self.options)
+                rgb, alpha = _to_host_uint8(out.rgb, out.alpha[..., 0])
+                want += list(zip(rgb, alpha))
+        d = max(int(np.abs(f.rgb.astype(np.int16) - r.astype(np.int16)).max()) for f, (r, _) in zip(got, want))
+        da = max(int(np.abs(f.alpha.astype(np.int16) - a.astype(np.int16)).max()) for f, (_, a) in zip(got, want))
+        cover = float(np.mean([f.alpha.mean() / 255 for f in got]))
+        res["loop_vs_eager"] = {"frames": len(got), "rgb_max_abs": d, "alpha_max_abs": da, "alpha_coverage": cover}
+        return len(got) == n and d <= TOL["loop_max_abs"] and da <= TOL["loop_max_abs"] and cover > 0.02
 
     # -------------------------------------------------------------------------------------- reenact
     def _batch_inputs(self, B: int, size: int):
@@ -331,44 +399,76 @@ class Bench:
         bg = torch.ones(B, 3, device=self.device)
         return params, views, bg
 
+    def _floor(self, rig: AvatarRig, params, views, size: int, bg, reps: int,
+               options: GsplatOptions | None = None) -> dict:
+        """The bare render of already posed Gaussians (several posed sets, cycled with their views)."""
+        posed = [rig.pose_params(p) for p in params[:8]]
+        return time_calls(lambda i: render(posed[i % len(posed)], *views[i % len(posed)], size, bg, self.cfg.backend,
+                                           options or self.options), self.device, reps, self.cfg.warmup)
+
     def _posers(self, rig: AvatarRig, B: int) -> dict[str, Callable[[HeadParams], Gaussians]]:
         posers: dict[str, Callable] = {"eager": rig.pose_params}
-        if self.base_rig is not None:
+        if self.base_rig is not None and rig is self.rig:
             posers = {"baseline": self.base_rig.pose_params, **posers}
         if self.device.type == "cuda":
             posers["graph"] = rig.pose_graph(B)
         return posers
 
+    def _overlapped(self, rig: AvatarRig, B: int, params, views, size: int, bg) -> Callable[[int], object]:
+        """One call of the product loop's steady state: the pose of call i+1 is submitted on the pose stream before
+        call i renders (``PosePipeline``, as ``render_sequence``)."""
+        pipe = PosePipeline(rig, B)
+        state = {"i": None, "slot": None}
+
+        def call(i: int):
+            if state["i"] != i:  # first call (or a jump): pose this call's frames now
+                state["slot"] = pipe.submit(params[i % len(params)])
+            slot = state["slot"]
+            g = pipe.result(slot)
+            state["slot"], state["i"] = pipe.submit(params[(i + 1) % len(params)]), i + 1
+            out = render(g, *views[i % len(views)], size, bg, self.cfg.backend, self.options)
+            pipe.release(slot)
+            return out
+
+        return call
+
     def reenact(self, compiled: bool = False) -> None:
         cfg, out = self.cfg, {}
-        for B in cfg.batches:
-            params, views, bg = self._batch_inputs(B, cfg.size)
-            row: dict = {}
-            with torch.no_grad():
-                posed = [self.rig.pose_params(p) for p in params[:8]]  # floor inputs: several sets, cycled
-                row["floor"] = time_calls(lambda i: render(posed[i % len(posed)], *views[i % len(posed)], cfg.size,
-                                                           bg, cfg.backend), self.device, cfg.reps, cfg.warmup)
-                del posed
-                posers = {"compiled": compiled_poser(self.rig)} if compiled else self._posers(self.rig, B)
-                for name, poser in posers.items():
-                    try:
-                        row[f"pose_{name}"] = time_calls(lambda i: poser(params[i % len(params)]), self.device,
-                                                         cfg.reps, cfg.warmup)
+        for rig_name, rig in self.rigs.items():
+            res: dict = {"num_gaussians": rig.num_gaussians}
+            for B in cfg.batches:
+                params, views, bg = self._batch_inputs(B, cfg.size)
+                row: dict = {}
+                with torch.no_grad():
+                    row["floor"] = self._floor(rig, params, views, cfg.size, bg, cfg.reps)
+                    posers = {"compiled": compiled_poser(rig)} if compiled else self._posers(rig, B)
+                    for name, poser in posers.items():
+                        try:
+                            row[f"pose_{name}"] = time_calls(lambda i: poser(params[i % len(params)]), self.device,
+                                                             cfg.reps, cfg.warmup)
 
-                        def e2e(i, poser=poser):
-                            g = poser(params[i % len(params)])
-                            return render(g, *views[i % len(views)], cfg.size, bg, cfg.backend)
+                            def e2e(i, poser=poser):
+                                g = poser(params[i % len(params)])
+                                return render(g, *views[i % len(views)], cfg.size, bg, cfg.backend, self.options)
 
-                        row[f"e2e_{name}"] = time_calls(e2e, self.device, cfg.reps, cfg.warmup)
-                    except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
-                        row[f"e2e_{name}"] = {"error": f"{type(e).__name__}: {e}"}
-                        self.log(traceback.format_exc())
-            for k, v in row.items():
-                if "median_ms" in v:
-                    v["fps"] = 1000.0 * B / v["median_ms"]
-            out[f"batch{B}"] = row
-            self.log(f"reenact batch {B}: " + ", ".join(f"{k} {v.get('median_ms', float('nan')):.3f} ms"
-                                                        for k, v in row.items()))
+                            row[f"e2e_{name}"] = time_calls(e2e, self.device, cfg.reps, cfg.warmup)
+                        except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
+                            row[f"e2e_{name}"] = {"error": f"{type(e).__name__}: {e}"}
+                            self.log(traceback.format_exc())
+                    if self.device.type == "cuda" and not compiled:
+                        try:  # the product loop: pose of the next call on a second stream (render_sequence)
+                            row["e2e_overlap"] = time_calls(self._overlapped(rig, B, params, views, cfg.size, bg),
+                                                            self.device, cfg.reps, cfg.warmup)
+                        except Exception as e:  # noqa: BLE001
+                            row["e2e_overlap"] = {"error": f"{type(e).__name__}: {e}"}
+                            self.log(traceback.format_exc())
+                for k, v in row.items():
+                    if "median_ms" in v:
+                        v["fps"] = 1000.0 * B / v["median_ms"]
+                res[f"batch{B}"] = row
+                self.log(f"reenact {rig_name} ({rig.num_gaussians} Gaussians) batch {B}: " + ", ".join(
+                    f"{k} {v.get('median_ms', float('nan')):.3f} ms" for k, v in row.items()))
+            out[rig_name] = res
         self.results["sections"]["compiled" if compiled else "reenact"] = out
 
     def compiled(self) -> None:
@@ -380,6 +480,216 @@ class Bench:
         self.reenact(compiled=True)
         self.results["sections"]["compiled"]["seconds_with_compile"] = time.perf_counter() - t
 
+    # -------------------------------------------------------------------------------------- stages
+    def stages(self) -> None:
+        """Where a frame's time goes, stage by stage (CUDA events between the stages of one call; perf_counter with
+        a synchronisation on the CPU), for the last rig of the reenact section (the pruned avatar when there is
+        one): input copies into the graph's buffers, skinning (``posed_vertices``: blendshapes, LBS), Gaussian
+        attribute assembly (``pose``: triangle frames, gathers, means / quats / scales), projection + tile
+        intersection + sort + rasterization (gsplat's own steps, timed apart, when gsplat is the renderer), and the
+        readback to host uint8."""
+        cfg, out = self.cfg, {}
+        name, rig = list(self.rigs.items())[-1]
+        out["rig"], out["num_gaussians"] = name, rig.num_gaussians
+        cuda = self.device.type == "cuda"
+        for B in cfg.batches:
+            params, views, bg = self._batch_inputs(B, cfg.size)
+            graph = rig.pose_graph(B) if cuda else None
+            names = ["copy_inputs", "skinning", "attributes", "render", "readback"]
+            samples: dict[str, list[float]] = {k: [] for k in names + ["total"]}
+            with torch.no_grad():
+                for i in range(cfg.warmup + cfg.reps):
+                    p, (vm, K) = params[i % len(params)], views[i % len(views)]
+                    marks = [self._mark()]
+                    if graph is not None:  # what PoseGraph.__call__ copies, on its own
+                        for k, buf in graph.params.to_dict().items():
+                            if k != "shape":
+                                buf.copy_(getattr(p, k))
+                    marks.append(self._mark())
+                    verts = rig.posed_vertices(p)
+                    marks.append(self._mark())
+                    g = rig.pose(verts)
+                    marks.append(self._mark())
+                    o = render(g, vm, K, cfg.size, bg, cfg.backend, self.options)
+                    marks.append(self._mark())
+                    _to_host_uint8(o.rgb, o.alpha[..., 0])
+                    marks.append(self._mark())
+                    if i >= cfg.warmup:
+                        sync(self.device)
+                        ms = [self._elapsed(a, b) for a, b in zip(marks[:-1], marks[1:])]
+                        for k, v in zip(names, ms):
+                            samples[k].append(v)
+                        samples["total"].append(sum(ms))
+            row = {k: float(np.median(v)) for k, v in samples.items()}
+            if graph is not None:
+                row["pose_graph_replay"] = time_calls(lambda i: graph.graph.replay(), self.device, cfg.reps,
+                                                      cfg.warmup)["median_ms"]
+            if cuda and cfg.backend == "gsplat":
+                try:
+                    row["gsplat"] = self._gsplat_stages(rig, params, views, bg)
+                except Exception as e:  # noqa: BLE001 - gsplat internals: record and go on
+                    row["gsplat"] = {"error": f"{type(e).__name__}: {e}"}
+            out[f"batch{B}"] = row
+            self.log(f"stages batch {B} (eager, ms): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
+        self.results["sections"]["stages"] = out
+
+    def _mark(self):
+        if self.device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    @staticmethod
+    def _elapsed(a, b) -> float:
+        return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else 1000.0 * (b - a)
+
+    def _gsplat_stages(self, rig: AvatarRig, params, views, bg) -> dict:
+        """gsplat's rasterization split into its steps (the calls ``gsplat.rasterization`` makes for our inputs:
+        not packed, RGB, per-view Gaussians): projection, tile intersection + sort, offsets, rasterization; the
+        composed image is compared with ``render_gaussians``'s."""
+        from gsplat.cuda._wrapper import fully_fused_projection, isect_offset_encode, isect_tiles, rasterize_to_pixels
+
+        cfg, ts = self.cfg, self.options.tile_size
+        W = H = cfg.size
+        tw, th = math.ceil(W / ts), math.ceil(H / ts)
+        posed = [rig.pose_params(p) for p in params[:8]]
+        names = ["projection", "isect_sort", "offsets", "rasterize"]
+        samples: dict[str, list[float]] = {k: [] for k in names}
+        for i in range(self.cfg.warmup + self.cfg.reps):
+            g, (vm, K) = posed[i % len(posed)], views[i % len(posed)]
+            B = vm.shape[0]
+            marks = [self._mark()]
+            radii, means2d, depths, conics, _ = fully_fused_projection(
+                g.means, None, g.quats, g.scales, vm[:, None], K[:, None], W, H, eps2d=0.3, near_plane=0.01,
+                far_plane=100.0, opacities=g.opacities)
+            marks.append(self._mark())
+            _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, ts, tw, th, n_images=B)
+            marks.append(self._mark())
+            offsets = isect_offset_encode(isect_ids, B, tw, th).reshape(B, 1, th, tw)
+            marks.append(self._mark())
+            opac = torch.broadcast_to(g.opacities[:, None, :], (B, 1, g.opacities.shape[1]))
+            rgb, alpha = rasterize_to_pixels(means2d, conics, g.colors[:, None], opac, W, H, ts, offsets,
+                                             flatten_ids, backgrounds=bg[:, None])
+            marks.append(self._mark())
+            if i >= self.cfg.warmup:
+                sync(self.device)
+                for k, a, b in zip(names, marks[:-1], marks[1:]):
+                    samples[k].append(self._elapsed(a, b))
+        row = {k: float(np.median(v)) for k, v in samples.items()}
+        ref = render(g, vm, K, cfg.size, bg, cfg.backend, self.options)
+        row["max_abs_vs_render"] = float((rgb[:, 0] - ref.rgb).abs().max())
+        row["isects_per_frame"] = int(flatten_ids.numel()) / B
+        return row
+
+    # -------------------------------------------------------------------------------------- gsplat options
+    def gsplat_options(self) -> None:
+        """The floor (bare render) of the reenact section's last rig with each gsplat layout; the fastest (by the sum
+        over the batch sizes) becomes the layout of the sections after this one, and is recorded."""
+        cfg, out = self.cfg, {}
+        name, rig = list(self.rigs.items())[-1]
+        out["rig"] = name
+        best, best_ms = None, math.inf
+        for packed in cfg.packed:
+            for ts in cfg.tile_sizes:
+                opt = replace(self.options, packed=packed, tile_size=ts)
+                key = f"packed={int(packed)} tile={ts}"
+                row = {}
+                try:
+                    with torch.no_grad():
+                        for B in cfg.batches:
+                            params, views, bg = self._batch_inputs(B, cfg.size)
+                            row[f"batch{B}"] = self._floor(rig, params, views, cfg.size, bg, cfg.reps // 2, opt)
+                except Exception as e:  # noqa: BLE001 - an unsupported layout is recorded, not fatal
+                    out[key] = {"error": f"{type(e).__name__}: {e}"}
+                    continue
+                total = sum(r["median_ms"] for r in row.values())
+                out[key] = {**row, "sum_ms": total}
+                if total < best_ms:
+                    best, best_ms = opt, total
+                self.log(f"gsplat {key}: " + ", ".join(f"{k} {v['median_ms']:.3f} ms" for k, v in row.items()))
+        if best is not None:
+            self.options = best
+            out["chosen"] = asdict(best)
+            self.results["gsplat_options"] = asdict(best)
+        self.results["sections"]["gsplat_options"] = out
+
+    # -------------------------------------------------------------------------------------- prune
+    def prune(self) -> None:
+        """PSNR of pruned vs whole avatars on the validation clips (``--val-data``: preprocessed item folders).
+
+        Per clip: the source frame's avatar (``--method unproject``, this head model, K = ``uv_size``), whole
+        (nothing pruned, not even by opacity) and pruned with ``--prune-*``; both rendered for ``val_frames`` driven
+        frames (self-reenactment: the clip's own tracking and cameras) and scored like ``fhavatar evaluate`` (the
+        matted foreground: prediction and ground truth composited on white with the ground-truth matte). Reported:
+        PSNR of each against the ground truth, the drop, and PSNR of the pruned render against the whole one. The
+        first clip's avatars join the reenact section's rigs ("avatar", "avatar_pruned")."""
+        from pipelines.evaluate.metrics import composite, psnr
+        from pipelines.reconstruct import ReconstructConfig, load_source, reconstruct
+        from pipelines.reenact import ReenactConfig, reenact_cameras, source_tracking
+        from pipelines.tracking.motion import transfer_motion
+        from pipelines.tracking.result import load_tracking
+
+        cfg, out = self.cfg, {"clips": {}, "config": asdict(self.prune_cfg)}
+        if self.val_data is None:
+            self.results["sections"]["prune"] = {"skipped": "no --val-data"}
+            return
+        clips = sorted(d for d in self.val_data.iterdir() if (clip_dir(d) / "tracking.npz").is_file())
+        uv = load_or_build_uv_space(self.head, uv_config(cfg), device=self.device)
+        rcfg = ReconstructConfig(method="unproject", uv_size=cfg.uv_size, prune=PruneConfig(min_opacity=0.0))
+        for d in clips:
+            pp = clip_dir(d)
+            t = time.perf_counter()
+            source = load_source(pp, 0).to(self.device)
+            whole = reconstruct(source, self.head, uv, rcfg, backend=cfg.backend)
+            t_rec = time.perf_counter() - t
+            t = time.perf_counter()
+            pruned = prune_avatar(whole, self.head, uv, self.prune_cfg, backend=cfg.backend)
+            sync(self.device)
+            t_prune = time.perf_counter() - t
+            tr = load_tracking(pp / "tracking.npz")
+            have = [i for i in range(1, tr.num_frames) if (pp / "frames" / f"{i:06d}.png").is_file()]
+            frames = have[:: max(1, len(have) // cfg.val_frames)][: cfg.val_frames]
+            drv = tr.select(frames)
+            motion = transfer_motion(source_tracking(whole), drv, "absolute").to(self.device)
+            target = [float(x) for x in self.head.head_center().tolist()]
+            cams = reenact_cameras(ReenactConfig(motion="absolute"), whole, drv, target, len(frames))
+            gt = np.stack([read_rgb(pp / "frames" / f"{i:06d}.png") for i in frames])
+            matte = np.stack([read_alpha(pp / "mattes" / f"{i:06d}.png") for i in frames])
+            size = gt.shape[1]
+            renders = {}
+            for key, av in (("whole", whole), ("pruned", pruned)):
+                # build_rig's binding, on this run's UV space (the smoke run's is smaller than the product's).
+                rig = AvatarRig(self.head, select_samples(uv, av.keep), av.maps_tensor(self.device),
+                                torch.as_tensor(av.shape, device=self.device), av.delta_p_tensor(self.device))
+                vm = world_to_camera(cams.c2w.to(self.device))
+                Ks = to_pixel_intrinsics(cams.K.to(self.device), size, size)
+                with torch.no_grad():
+                    o = render(rig.pose_params(motion), vm, Ks, size, torch.ones(len(frames), 3, device=self.device),
+                               cfg.backend, self.options)
+                renders[key] = o.rgb.clamp(0, 1).cpu().numpy()
+                if d == clips[0]:
+                    self.rigs["avatar" if key == "whole" else "avatar_pruned"] = rig
+            gtc = composite(gt, matte)
+            ps = {k: float(np.mean(psnr(composite(v, matte), gtc))) for k, v in renders.items()}
+            between = float(np.mean(np.minimum(psnr(renders["pruned"], renders["whole"]), 150.0)))  # 150: identical
+            info = pruned.meta["prune"]
+            out["clips"][d.name] = {"frames": frames, "gaussians_whole": info["before"],
+                                    "gaussians_pruned": info["kept"],
+                                    "psnr_whole": ps["whole"], "psnr_pruned": ps["pruned"],
+                                    "psnr_drop_db": ps["whole"] - ps["pruned"], "psnr_pruned_vs_whole": between,
+                                    "reconstruct_s": t_rec, "prune_s": t_prune, "prune": info}
+            self.log(f"prune {d.name}: {info['before']} -> {info['kept']} Gaussians, PSNR {ps['whole']:.3f} -> "
+                     f"{ps['pruned']:.3f} dB, pruned vs whole {between:.2f} dB ({t_prune:.1f} s)")
+        rows = list(out["clips"].values())
+        if rows:
+            out["mean_psnr_drop_db"] = float(np.mean([r["psnr_drop_db"] for r in rows]))
+            out["max_psnr_drop_db"] = float(max(r["psnr_drop_db"] for r in rows))
+            out["mean_kept_fraction"] = float(np.mean([r["gaussians_pruned"] / r["gaussians_whole"] for r in rows]))
+            out["pass"] = out["max_psnr_drop_db"] <= TOL["prune_psnr_drop_db"]
+        self.results["sections"]["prune"] = out
+
     def pipeline(self) -> None:
         """The whole loop, readback to numpy included (render_sequence), before and after."""
         from pipelines.animate import render_sequence
@@ -387,7 +697,8 @@ class Bench:
         cfg, out = self.cfg, {}
         T = min(cfg.pipeline_frames, cfg.motion_frames)
         mp, cams = slice_params(self.motion, 0, T), self.cams[torch.arange(T)]
-        loops = {"after": (render_sequence, self.rig)}
+        rig = list(self.rigs.values())[-1]
+        loops = {"after": (lambda *a, **k: render_sequence(*a, options=self.options, **k), rig)}
         if self.base_animate is not None:
             loops = {"before": (self.base_animate.render_sequence, self.base_rig), **loops}
         for B in cfg.batches:
@@ -401,7 +712,7 @@ class Bench:
                 r["fps"] = T / r["median_s"]
                 out[f"batch{B}_{name}"] = r
                 self.log(f"render_sequence batch {B} {name}: {r['fps']:.0f} frames/s")
-        self.results["sections"]["pipeline"] = {"frames": T, **out}
+        self.results["sections"]["pipeline"] = {"frames": T, "num_gaussians": rig.num_gaussians, **out}
 
     # -------------------------------------------------------------------------------------- scaling
     def scaling(self) -> None:
@@ -411,13 +722,10 @@ class Bench:
         def measure(rig: AvatarRig, size: int) -> dict:
             params, views, bg = self._batch_inputs(B, size)
             with torch.no_grad():
-                posed = [rig.pose_params(p) for p in params[:8]]
-                floor = time_calls(lambda i: render(posed[i % len(posed)], *views[i % len(posed)], size, bg,
-                                                    cfg.backend), self.device, cfg.reps // 2, cfg.warmup)
-                del posed
+                floor = self._floor(rig, params, views, size, bg, cfg.reps // 2)
                 poser = rig.pose_graph(B) if self.device.type == "cuda" else rig.pose_params
                 e2e = time_calls(lambda i: render(poser(params[i % len(params)]), *views[i % len(views)], size, bg,
-                                                  cfg.backend), self.device, cfg.reps // 2, cfg.warmup)
+                                                  cfg.backend, self.options), self.device, cfg.reps // 2, cfg.warmup)
             return {"floor": floor, "e2e": e2e, "gaussians": rig.num_gaussians, "size": size,
                     "ratio": e2e["median_ms"] / floor["median_ms"]}
 
@@ -425,7 +733,7 @@ class Bench:
             out["resolution"][str(size)] = r = measure(self.rig, size)
             self.log(f"scaling {size}px: floor {r['floor']['median_ms']:.3f} ms, e2e {r['e2e']['median_ms']:.3f} ms")
         for K in cfg.uv_sizes:
-            rig = self.rig if K == cfg.uv_size else make_rig(self.head, K, self.device)
+            rig = self.rig if K == cfg.uv_size else make_rig(self.head, uv_config(cfg, K), self.device)
             out["gaussians"][str(K)] = r = measure(rig, cfg.size)
             self.log(f"scaling UV {K} ({r['gaussians']} Gaussians): floor {r['floor']['median_ms']:.3f} ms, "
                      f"e2e {r['e2e']['median_ms']:.3f} ms")
@@ -549,6 +857,24 @@ class Bench:
         self.results["sections"]["tracking"] = out
 
 
+def clip_dir(d: Path) -> Path:
+    """A validation clip's preprocessed folder: ``d`` itself or ``d/preprocess``."""
+    return d / "preprocess" if (d / "preprocess" / "tracking.npz").is_file() else d
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    import imageio.v3 as iio
+
+    return iio.imread(path)[..., :3].astype(np.float32) / 255.0
+
+
+def read_alpha(path: Path) -> np.ndarray:
+    import imageio.v3 as iio
+
+    a = iio.imread(path).astype(np.float32) / 255.0
+    return (a[..., 0] if a.ndim == 3 else a)[..., None]
+
+
 def template_avatar(head: HeadModel, uv) -> Avatar:
     """A template avatar file for the turntable command (neutral source frame, frontal camera)."""
     params = {k: v.cpu().numpy() for k, v in head.zero_params(1).to_dict().items()}
@@ -582,28 +908,60 @@ def table(results: dict) -> str:
     lines = []
     sec = results["sections"]
     for key in ("reenact", "compiled"):
-        if not isinstance(sec.get(key), dict) or not any(k.startswith("batch") for k in sec[key]):
+        if not isinstance(sec.get(key), dict):
             continue
-        lines.append(f"{key} ({results['num_gaussians']} Gaussians, {results['settings']['size']} px), per call:")
-        lines.append(f"{'batch':>5s} {'variant':18s} {'median ms':>10s} {'p90 ms':>8s} {'frames/s':>9s} "
-                     f"{'x floor':>8s} {'peak MiB':>9s}")
-        for bk, row in sec[key].items():
-            if not bk.startswith("batch"):
+        for rig_name, rows in sec[key].items():
+            if not isinstance(rows, dict) or not any(k.startswith("batch") for k in rows):
                 continue
-            floor = row["floor"]["median_ms"]
-            for name, r in row.items():
-                if "median_ms" not in r:
-                    lines.append(f"{bk[5:]:>5s} {name:18s} {r.get('error', '?')[:60]}")
+            lines.append(f"{key} {rig_name} ({rows['num_gaussians']} Gaussians, {results['settings']['size']} px), "
+                         "per call:")
+            lines.append(f"{'batch':>5s} {'variant':18s} {'median ms':>10s} {'p90 ms':>8s} {'frames/s':>9s} "
+                         f"{'x floor':>8s} {'peak MiB':>9s}")
+            for bk, row in rows.items():
+                if not bk.startswith("batch"):
                     continue
-                ratio = r["median_ms"] / floor if name.startswith("e2e") or name == "floor" else float("nan")
-                lines.append(f"{bk[5:]:>5s} {name:18s} {r['median_ms']:10.3f} {r['p90_ms']:8.3f} {r['fps']:9.0f} "
-                             f"{ratio:8.2f} {r['peak_mib']:9.0f}")
-    if "pipeline" in sec:
-        lines.append(f"render_sequence ({sec['pipeline']['frames']} frames, readback to numpy):")
+                floor = row["floor"]["median_ms"]
+                for name, r in row.items():
+                    if "median_ms" not in r:
+                        lines.append(f"{bk[5:]:>5s} {name:18s} {r.get('error', '?')[:60]}")
+                        continue
+                    ratio = r["median_ms"] / floor if name.startswith("e2e") or name == "floor" else float("nan")
+                    lines.append(f"{bk[5:]:>5s} {name:18s} {r['median_ms']:10.3f} {r['p90_ms']:8.3f} "
+                                 f"{r['fps']:9.0f} {ratio:8.2f} {r['peak_mib']:9.0f}")
+    if isinstance(sec.get("stages"), dict) and "rig" in sec["stages"]:
+        st = sec["stages"]
+        lines.append(f"stages ({st['rig']}, {st['num_gaussians']} Gaussians; eager, one call; ms):")
+        for bk, row in st.items():
+            if bk.startswith("batch"):
+                lines.append(f"  {bk}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
+                gs = row.get("gsplat")
+                if isinstance(gs, dict):
+                    lines.append("    gsplat: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                          for k, v in gs.items()))
+    if isinstance(sec.get("gsplat_options"), dict):
+        g = sec["gsplat_options"]
+        lines.append(f"gsplat layouts (floor of {g.get('rig')}, ms): " + "; ".join(
+            f"{k}: " + (", ".join(f"{b} {r['median_ms']:.3f}" for b, r in v.items() if isinstance(r, dict))
+                        if "error" not in v else v["error"][:40])
+            for k, v in g.items() if isinstance(v, dict) and k != "chosen") + f"; chosen {g.get('chosen')}")
+    if isinstance(sec.get("prune"), dict) and "clips" in sec["prune"]:
+        pr = sec["prune"]
+        lines.append("prune (validation clips; PSNR of the matted foreground vs ground truth):")
+        lines.append(f"  {'clip':24s} {'whole':>7s} {'pruned':>7s} {'PSNR whole':>10s} {'PSNR pruned':>11s} "
+                     f"{'drop dB':>8s} {'pruned vs whole':>15s}")
+        for c, r in pr["clips"].items():
+            lines.append(f"  {c:24s} {r['gaussians_whole']:7d} {r['gaussians_pruned']:7d} {r['psnr_whole']:10.3f} "
+                         f"{r['psnr_pruned']:11.3f} {r['psnr_drop_db']:8.4f} {r['psnr_pruned_vs_whole']:15.2f}")
+        if "max_psnr_drop_db" in pr:
+            lines.append(f"  max drop {pr['max_psnr_drop_db']:.4f} dB, kept {100 * pr['mean_kept_fraction']:.1f}% "
+                         f"of the Gaussians ({'PASS' if pr['pass'] else 'FAIL'}: <= {TOL['prune_psnr_drop_db']} dB)")
+    if "pipeline" in sec and isinstance(sec["pipeline"], dict) and "frames" in sec["pipeline"]:
+        lines.append(f"render_sequence ({sec['pipeline']['frames']} frames, {sec['pipeline']['num_gaussians']} "
+                     "Gaussians, readback to numpy):")
         for k, r in sec["pipeline"].items():
             if isinstance(r, dict):
                 lines.append(f"  {k:18s} {r['fps']:8.0f} frames/s  peak {r['peak_mib']:.0f} MiB")
-    if "scaling" in sec:
+    if "scaling" in sec and "batch" in sec["scaling"]:
         s = sec["scaling"]
         lines.append(f"scaling (batch {s['batch']}), per frame: size/UV  gaussians  floor ms  e2e ms  ratio")
         for kind in ("resolution", "gaussians"):
@@ -611,7 +969,7 @@ def table(results: dict) -> str:
                 b = s["batch"]
                 lines.append(f"  {kind[:3]} {k:>5s} {r['gaussians']:9d} {r['floor']['median_ms'] / b:9.4f} "
                              f"{r['e2e']['median_ms'] / b:8.4f} {r['ratio']:6.2f}  peak {r['e2e']['peak_mib']:.0f} MiB")
-    if "turntable" in sec:
+    if "turntable" in sec and "frames" in sec["turntable"]:
         t = sec["turntable"]
         lines.append(f"turntable ({t.get('frames')} frames): " + ", ".join(
             f"{k} {v['median_s']:.3f} s" for k, v in t.items() if isinstance(v, dict)))
@@ -625,68 +983,150 @@ def table(results: dict) -> str:
             if isinstance(r, dict):
                 lines.append(f"tracking {k:12s} {r['seconds']:7.2f} s  {r['frames_per_s']:7.1f} frames/s  "
                              f"err {r['mean_landmark_error_px']:.2f} px")
+    lines += [""] + target_lines(results)
     return "\n".join(lines)
+
+
+def targets(results: dict) -> dict:
+    """The issue's targets from the measured numbers: the reenact rig of record (the pruned avatar when measured,
+    else the last one), the best end-to-end variant per batch (graph or overlap: what the product loop can use)."""
+    sec = results["sections"]
+    out: dict = {"checks": bool(results["checks"].get("pass"))}
+    re = sec.get("reenact")
+    if isinstance(re, dict) and re:
+        rig = "avatar_pruned" if "avatar_pruned" in re else list(re)[-1]
+        out["rig"], out["num_gaussians"] = rig, re[rig]["num_gaussians"]
+        for bk, row in re[rig].items():
+            if not bk.startswith("batch"):
+                continue
+            e2e = {k: v for k, v in row.items() if k.startswith("e2e") and "median_ms" in v and k != "e2e_baseline"}
+            if not e2e:
+                continue
+            best = min(e2e, key=lambda k: e2e[k]["median_ms"])
+            out[bk] = {"best": best, "fps": e2e[best]["fps"], "median_ms": e2e[best]["median_ms"],
+                       "floor_ms": row["floor"]["median_ms"],
+                       "x_floor": e2e[best]["median_ms"] / row["floor"]["median_ms"]}
+        if "batch1" in out:
+            out["batch1"]["pass"] = out["batch1"]["fps"] >= 1000.0
+        if "batch8" in out:
+            out["batch8"]["pass"] = out["batch8"]["x_floor"] <= 1.3
+    pr = sec.get("prune")
+    if isinstance(pr, dict) and "pass" in pr:
+        out["prune"] = {"max_psnr_drop_db": pr["max_psnr_drop_db"], "pass": pr["pass"]}
+    return out
+
+
+def target_lines(results: dict) -> list[str]:
+    t = targets(results)
+    verdict = lambda ok: "PASS" if ok else "gap"  # noqa: E731
+    lines = [f"targets (rig {t.get('rig')}, {t.get('num_gaussians')} Gaussians, {results['settings']['size']} px):",
+             f"  correctness checks: {'PASS' if t['checks'] else 'FAIL'}"]
+    if "batch1" in t:
+        b = t["batch1"]
+        lines.append(f"  batch 1 end to end >= 1000 FPS: {b['fps']:.0f} FPS ({b['best']}, {b['median_ms']:.3f} ms; "
+                     f"floor {b['floor_ms']:.3f} ms) {verdict(b['pass'])}")
+    if "batch8" in t:
+        b = t["batch8"]
+        lines.append(f"  batch 8 <= 1.3x floor: {b['x_floor']:.2f}x ({b['best']}, {b['median_ms']:.3f} ms vs "
+                     f"{b['floor_ms']:.3f} ms; {b['fps']:.0f} FPS) {verdict(b['pass'])}")
+    if "prune" in t:
+        lines.append(f"  pruned within {TOL['prune_psnr_drop_db']} dB of whole: max drop "
+                     f"{t['prune']['max_psnr_drop_db']:.4f} dB {'PASS' if t['prune']['pass'] else 'FAIL'}")
+    return lines
 
 
 def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
-def main() -> int:
+SECTIONS = ("prune", "gsplat_options", "reenact", "stages", "pipeline", "scaling", "turntable", "reconstruct",
+            "tracking", "compiled")
+DEFAULT_SECTIONS = ("prune", "gsplat_options", "reenact", "stages", "pipeline", "scaling")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
-    parser.add_argument("--cpu-dry", action="store_true", help="tiny sizes on the CPU (torch rasterizer)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for bench_speed.json and bench_speed.md (the table), or a .json file")
+    parser.add_argument("--smoke", "--cpu-dry", dest="smoke", action="store_true",
+                        help="tiny sizes on the CPU (torch reference rasterizer): checks the bench's logic")
+    parser.add_argument("--head-model", default=None, help="head model of the avatars (default: ict)")
+    parser.add_argument("--uv-size", type=int, default=None, help="UV size K (default 256; smoke 32)")
+    parser.add_argument("--val-data", type=Path, default=None,
+                        help="folder of validation clips (preprocessed item folders) for the prune section")
+    parser.add_argument("--val-frames", type=int, default=None, help="driven frames per validation clip")
+    parser.add_argument("--prune-opacity", type=float, default=None, help="PruneConfig.min_opacity")
+    parser.add_argument("--prune-contribution", type=float, default=None, help="PruneConfig.min_contribution")
+    parser.add_argument("--max-gaussians", type=int, default=None, help="PruneConfig.max_gaussians")
+    parser.add_argument("--packed", type=int, choices=(0, 1), default=None,
+                        help="gsplat packed mode (default: the gsplat_options section measures both and picks)")
+    parser.add_argument("--tile-size", type=int, default=None,
+                        help="gsplat tile size (default: the gsplat_options section measures 8/16/32 and picks)")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="folder with the 'before' binding.py and animate.py (git show COMMIT:...)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the pose step (GPU)")
-    parser.add_argument("--only", nargs="*", default=None,
-                        help="sections: reenact pipeline scaling turntable reconstruct tracking")
+    parser.add_argument("--only", nargs="*", default=None, choices=SECTIONS,
+                        help=f"sections, in order (default: {' '.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--reps", type=int, default=None, help="timed calls per measurement")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    cfg = Settings.dry() if args.cpu_dry else Settings()
-    if args.reps:
-        cfg.reps = args.reps
-    if not args.cpu_dry:
+    cfg = Settings.smoke() if args.smoke else Settings()
+    for key in ("reps", "uv_size", "head_model", "val_frames"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    options = GsplatOptions()
+    if args.packed is not None:
+        cfg.packed = (bool(args.packed),)
+        options = replace(options, packed=bool(args.packed))
+    if args.tile_size is not None:
+        cfg.tile_sizes = (args.tile_size,)
+        options = replace(options, tile_size=args.tile_size)
+    prune = {k: v for k, v in (("min_opacity", args.prune_opacity), ("min_contribution", args.prune_contribution),
+                               ("max_gaussians", args.max_gaussians)) if v is not None}
+    prune_cfg = replace(PruneConfig(**({"size": 32, "views": 4, "pitches": (0.0,)} if args.smoke else {})), **prune)
+    if not args.smoke:
         if not torch.cuda.is_available():
-            print("no CUDA device: run on the GPU machine, or pass --cpu-dry", file=sys.stderr)
+            print("no CUDA device: run on the GPU machine, or pass --smoke", file=sys.stderr)
             return 2
     else:
         torch.set_num_threads(min(2, torch.get_num_threads()))
+    out_json = args.out if args.out.suffix == ".json" else args.out / "bench_speed.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
     meta = {
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(0) if not args.cpu_dry else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(0) if not args.smoke else platform.processor() or "cpu",
         "cpu_count": __import__("os").cpu_count(),
         "python": platform.python_version(),
-        "mode": "cpu-dry" if args.cpu_dry else "gpu",
+        "mode": "smoke" if args.smoke else "gpu",
+        "commit": git_commit(),
+        "argv": sys.argv[1:] if argv is None else argv,
         "files": {p: file_digest(ROOT / p) for p in ("pipelines/avatar/binding.py", "pipelines/animate.py")},
         "baseline_files": {p.name: file_digest(p) for p in sorted(args.baseline.glob("*.py"))} if args.baseline else {},
     }
-    if not args.cpu_dry:
+    if not args.smoke:
         import gsplat
 
         meta["gsplat"] = gsplat.__version__
         meta["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     t = time.perf_counter()
-    bench = Bench(cfg, args.baseline, args.compile, log)
-    if not args.cpu_dry:  # first gsplat call (loads, or JIT-compiles, the CUDA extension)
+    bench = Bench(cfg, args.baseline, args.compile, log, options, prune_cfg, args.val_data)
+    if not args.smoke:  # first gsplat call (loads, or JIT-compiles, the CUDA extension)
         g = bench.rig.pose_params(slice_params(bench.motion, 0, 1))
         vm = world_to_camera(bench.cams.c2w[:1].to(bench.device))
         render(g, vm, to_pixel_intrinsics(bench.cams.K[:1].to(bench.device), 64, 64), 64, None, cfg.backend)
         sync(bench.device)
     meta["setup_s"] = time.perf_counter() - t
-    bench.results.update({"meta": meta, "settings": cfg.__dict__, "tolerances": TOL})
+    bench.results.update({"meta": meta, "settings": asdict(cfg), "tolerances": TOL})
     log(json.dumps(meta))
 
     ok = bench.checks()
-    sections = args.only or ["reenact", "pipeline", "scaling", "turntable", "reconstruct", "tracking"]
+    sections = list(args.only or DEFAULT_SECTIONS)
     if args.compile and "compiled" not in sections:
         sections.append("compiled")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in sections:
         t = time.perf_counter()
         try:
@@ -695,10 +1135,23 @@ def main() -> int:
             bench.results["sections"][name] = {"error": f"{type(e).__name__}: {e}"}
             log(traceback.format_exc())
         bench.results.setdefault("section_s", {})[name] = time.perf_counter() - t
-        args.out.write_text(json.dumps(bench.results, indent=2, default=str))
-    log(table(bench.results))
-    log(("PASS" if ok else "FAIL") + f": results in {args.out}")
+        bench.results["targets"] = targets(bench.results)
+        out_json.write_text(json.dumps(bench.results, indent=2, default=str))
+    text = table(bench.results)
+    out_json.with_suffix(".md").write_text(text + "\n")
+    log(text)
+    prune_ok = bench.results["targets"].get("prune", {}).get("pass", True)
+    ok = ok and prune_ok
+    log(("PASS" if ok else "FAIL") + f": results in {out_json}")
     return 0 if ok else 1
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 if __name__ == "__main__":

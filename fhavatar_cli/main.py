@@ -434,7 +434,12 @@ def preprocess(
     _finish(run_batch([(str(p), item_id(p), job_for(p)) for p in items], on_result=ui.item, fail_fast=common.fail_fast))
 
 
-@app.command(cls=defaults_from("pipelines.reconstruct:ReconstructConfig"))
+_PRUNE = "pipelines.avatar.prune:PruneConfig"
+
+
+@app.command(cls=defaults_from("pipelines.reconstruct:ReconstructConfig", prune_opacity=f"{_PRUNE}.min_opacity",
+                               prune_contribution=f"{_PRUNE}.min_contribution",
+                               max_gaussians=f"{_PRUNE}.max_gaussians"))
 @with_common("device", "renderer", "shard", "force", "fail_fast")
 def reconstruct(
     inputs: List[str] = typer.Argument(..., help="Photos, videos or preprocessed item folders (globs, @list.txt)."),
@@ -448,6 +453,12 @@ def reconstruct(
     uv_size: Optional[int] = typer.Option(None, help="UV map size K. With --method network the checkpoint sets K "
                                           "(a different --uv-size is refused)."),
     ply: bool = typer.Option(False, "--ply", help="Also export a standard 3DGS .ply."),
+    prune_opacity: Optional[float] = typer.Option(None, help="Drop Gaussians below this opacity (1/255: never "
+                                                  "drawn)."),
+    prune_contribution: Optional[float] = typer.Option(None, help="Drop Gaussians that draw less than this (pixels "
+                                                       "at 512², largest over orbit views and poses; 0 = off)."),
+    max_gaussians: Optional[int] = typer.Option(None, help="Keep at most this many Gaussians, by contribution "
+                                                "(0 = no cap)."),
     head_model: HeadModel = "auto",
     *,
     common: Common,
@@ -455,13 +466,16 @@ def reconstruct(
     """Build avatars (avatar/avatar.npz) from portraits: preprocesses raw inputs first (or reuses their preprocess)."""
     ui, dev = common.ui, common.device
     from pipelines.batch import run_batch
+    from pipelines.avatar.prune import PruneConfig
     from pipelines.reconstruct import ReconstructConfig, with_network
     from pipelines.stages import reconstruct_item
     from pipelines.store import IMAGE_EXTS, VIDEO_EXTS
 
     try:
+        prune = _config(PruneConfig, min_opacity=prune_opacity, min_contribution=prune_contribution,
+                        max_gaussians=max_gaussians)
         cfg = _config(ReconstructConfig, method=method, uv_size=uv_size, source_frame=source_frame,
-                      refine_steps=refine_steps, weights=weights, prior=prior).validate()
+                      refine_steps=refine_steps, weights=weights, prior=prior, prune=prune).validate()
         items = _select(inputs, IMAGE_EXTS + VIDEO_EXTS, common.shard)
         _output_folder(out)
         head = _load_head(head_model, dev, cfg.weights)

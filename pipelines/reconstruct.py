@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .avatar.artifact import Avatar
 from .avatar.head import head_record
 from .avatar.maps import ATTRIBUTE_SLICES, REGION_COLORS, template_maps
+from .avatar.prune import PruneConfig, prune_avatar
 from .errors import ConfigError, InputError
 from .head.base import REGIONS, HeadModel, HeadParams
 from .refine import RefineConfig, refine_maps, seen_by_source
@@ -42,6 +43,7 @@ class ReconstructConfig:
     weights: str | None = None  # checkpoint path; default: the embedded default weights
     prior: str = "builtin"
     refine: RefineConfig = field(default_factory=RefineConfig)  # how refinement fits (losses, step sizes, schedule)
+    prune: PruneConfig = field(default_factory=PruneConfig)  # which Gaussians the avatar keeps (avatar/prune.py)
 
     def validate(self) -> "ReconstructConfig":
         if self.method not in METHODS:
@@ -57,6 +59,7 @@ class ReconstructConfig:
             raise ConfigError("--refine-steps needs an image to fit, and --method template uses none",
                               "use --method network or unproject")
         self.refine.validate()
+        self.prune.validate()
         return self
 
     def for_device(self, device: str | torch.device) -> "ReconstructConfig":
@@ -198,7 +201,7 @@ def reconstruct(source: SourceFrame, head: HeadModel, uv: UVSpace, cfg: Reconstr
         maps, meta["refine"] = refine_maps(maps, delta_p, source, head, uv, cfg.refine_steps, cfg.refine,
                                            backend=backend, progress=progress)
     params = {k: v.detach().cpu().numpy() for k, v in source.params.to_dict().items() if k != "shape"}
-    return Avatar(
+    return prune_avatar(Avatar(
         maps=maps[0].detach().cpu().numpy(),
         delta_p=delta_p[0].detach().cpu().numpy(),
         shape=source.params.shape[0].detach().cpu().numpy(),
@@ -207,4 +210,4 @@ def reconstruct(source: SourceFrame, head: HeadModel, uv: UVSpace, cfg: Reconstr
         source_c2w=source.c2w.cpu().numpy(),
         head_model=head_record(head),
         meta=meta,
-    )
+    ), head, uv, cfg.prune, backend)

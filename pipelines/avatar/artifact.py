@@ -27,7 +27,8 @@ class Avatar:
     """maps (14, K, K) activated attribute maps; delta_p (3, K, K) UV shape offset (metres);
     shape (S,) head-model shape; source_params: HeadParams fields of the source frame (numpy, leading dim 1);
     source_K (3, 3) normalized intrinsics; source_c2w (4, 4); head_model: {"kind", "name", "digest"}; meta: settings,
-    weights hash, method, input hash, ...."""
+    weights hash, method, input hash, pruning, ...; keep (G,) bool: the Gaussian samples of the UV space that are
+    rendered (``pipelines.avatar.prune``), None = all."""
 
     maps: np.ndarray
     delta_p: np.ndarray
@@ -37,6 +38,7 @@ class Avatar:
     source_c2w: np.ndarray
     head_model: dict
     meta: dict = field(default_factory=dict)
+    keep: np.ndarray | None = None
 
     @property
     def uv_size(self) -> int:
@@ -66,6 +68,7 @@ def save_avatar(path: str | Path, avatar: Avatar, half: bool = True) -> None:
         "source_K": avatar.source_K.astype(np.float32),
         "source_c2w": avatar.source_c2w.astype(np.float32),
         **{f"source_{k}": np.asarray(v, dtype=np.float32) for k, v in avatar.source_params.items()},
+        **({"keep": np.asarray(avatar.keep, dtype=bool)} if avatar.keep is not None else {}),
     }
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -104,5 +107,8 @@ def load_avatar(path: str | Path) -> Avatar:
         raise InputError(f"avatar '{path}' is corrupt: maps contain NaN/inf", fix)
     params = {k[len("source_"):]: v for k, v in data.items()
               if k.startswith("source_") and k not in ("source_K", "source_c2w")}
+    keep = data.get("keep")
+    if keep is not None and (keep.ndim != 1 or keep.dtype != bool):
+        raise InputError(f"avatar '{path}' is corrupt: its pruning mask has shape {keep.shape} ({keep.dtype})", fix)
     return Avatar(maps, data["delta_p"].astype(np.float32), data["shape"], params, data["source_K"],
-                  data["source_c2w"], header.get("head_model", {}), header.get("meta", {}))
+                  data["source_c2w"], header.get("head_model", {}), header.get("meta", {}), keep)

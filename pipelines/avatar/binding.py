@@ -198,7 +198,7 @@ class AvatarRig:
         self.opacity = attrs[..., ATTRIBUTE_SLICES["opacity"]][..., 0]
         self.color = attrs[..., ATTRIBUTE_SLICES["color"]]
         self._identity: dict[str, torch.Tensor] | None = None
-        self._graphs: dict[int, PoseGraph] = {}
+        self._graphs: dict[tuple[int, int], PoseGraph] = {}
 
     @property
     def num_gaussians(self) -> int:
@@ -249,12 +249,13 @@ class AvatarRig:
         """Gaussians for tracked parameters (B frames); the avatar's own shape replaces ``params.shape``."""
         return self.pose(self.posed_vertices(params))
 
-    def pose_graph(self, batch: int) -> "PoseGraph":
+    def pose_graph(self, batch: int, slot: int = 0) -> "PoseGraph":
         """``pose_params`` for ``batch`` frames a call as a CUDA graph, captured on first use and kept with the rig
-        (inference only: the graph records no autograd history, and the maps must not change afterwards)."""
-        if batch not in self._graphs:
-            self._graphs[batch] = PoseGraph(self, batch)
-        return self._graphs[batch]
+        (inference only: the graph records no autograd history, and the maps must not change afterwards). Graphs of
+        different ``slot`` have their own output buffers (one can be rendered while the other is posed)."""
+        if (batch, slot) not in self._graphs:
+            self._graphs[batch, slot] = PoseGraph(self, batch)
+        return self._graphs[batch, slot]
 
     def pose(self, verts: torch.Tensor, colors: torch.Tensor | None = None) -> Gaussians:
         """Gaussians (B, G, ...) on posed vertices (B, V, 3) (B must equal the rig's batch, or the rig's is 1).
@@ -298,7 +299,10 @@ class PoseGraph:
                 rig.pose_params(self.params)
         torch.cuda.current_stream(device).wait_stream(stream)
         with torch.no_grad(), torch.cuda.graph(self.graph):
-            self.out = rig.pose_params(self.params)
+            out = rig.pose_params(self.params)
+        # Opacities and colours do not change from frame to frame: made contiguous once here rather than copied by
+        # the renderer on every call.
+        self.out = Gaussians(out.means, out.quats, out.scales, out.opacities.contiguous(), out.colors.contiguous())
 
     def __call__(self, params: HeadParams) -> Gaussians:
         if params.batch != self.batch:

@@ -55,7 +55,10 @@ def head_for_avatar(avatar: Avatar, device="cpu", avatar_name: str = "avatar") -
 
 
 def build_rig(avatar: Avatar, head: HeadModel, device="cpu") -> AvatarRig:
-    """The avatar's Gaussians bound to ``head`` (its UV space at the avatar's K, shape and shape offsets)."""
-    uv = load_or_build_uv_space(head, UVConfig(size=avatar.uv_size), device=device)
+    """The avatar's Gaussians bound to ``head`` (its UV space at the avatar's K, shape and shape offsets), only those
+    its pruning mask keeps."""
+    from .prune import select_samples
+
+    uv = select_samples(load_or_build_uv_space(head, UVConfig(size=avatar.uv_size), device=device), avatar.keep)
     shape = torch.as_tensor(avatar.shape, dtype=torch.float32, device=device)
     return AvatarRig(head, uv, avatar.maps_tensor(device), shape, avatar.delta_p_tensor(device))

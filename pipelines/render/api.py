@@ -10,8 +10,14 @@ import torch
 from torch import Tensor
 
 from pipelines.errors import ConfigError
-from pipelines.render.gsplat_backend import GSPLAT_VERSION, gsplat_available, gsplat_import_error, rasterize_gsplat
-from pipelines.render.reference import rasterize_view
+from pipelines.render.gsplat_backend import (
+    GSPLAT_VERSION,
+    GsplatOptions,
+    gsplat_available,
+    gsplat_import_error,
+    rasterize_gsplat,
+)
+from pipelines.render.reference import gaussian_contributions, rasterize_view
 
 BACKENDS = ("auto", "gsplat", "torch")
 log = logging.getLogger(__name__)
@@ -23,12 +29,13 @@ class RenderOutput:
 
     rgb: (B, H, W, C) composited colours (any C: RGB, positions, UVs ...) over the background.
     alpha: (B, H, W, 1) accumulated opacity, 1 - final transmittance.
-    depth: (B, H, W, 1) expected camera-space z, sum w_i z_i / alpha (0 where alpha is 0).
+    depth: (B, H, W, 1) expected camera-space z, sum w_i z_i / alpha (0 where alpha is 0); None when the render was
+        asked for no depth (``GsplatOptions.depth``).
     """
 
     rgb: Tensor
     alpha: Tensor
-    depth: Tensor
+    depth: Tensor | None
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -73,6 +80,7 @@ def render_gaussians(
     backend: str = "auto",
     near: float = 0.01,
     far: float = 100.0,
+    options: GsplatOptions | None = None,
 ) -> RenderOutput:
     """Render 3D Gaussians into B views.
 
@@ -89,10 +97,13 @@ def render_gaussians(
         backgrounds: (B, C) or (C,) colour behind the Gaussians; None for black (zeros).
         backend: "auto" (gsplat on CUDA when importable, else "torch"), "gsplat" or "torch".
         near, far: Gaussians whose camera-space z is outside [near, far] are culled.
+        options: gsplat's layout (packing, tile size) and whether depth is wanted; None: ``GsplatOptions()``. The
+            reference backend draws the same image whatever the layout.
 
     Returns:
-        :class:`RenderOutput` with rgb (B, H, W, C), alpha (B, H, W, 1), depth (B, H, W, 1).
+        :class:`RenderOutput` with rgb (B, H, W, C), alpha (B, H, W, 1), depth (B, H, W, 1) (None without depth).
     """
+    options = options or GsplatOptions()
     per_view = _check_shapes(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds)
     B, C = viewmats.shape[0], colors.shape[-1]
     if backgrounds is not None and backgrounds.dim() == 1:
@@ -101,7 +112,8 @@ def render_gaussians(
 
     if chosen == "gsplat":
         rgb, alpha, depth = rasterize_gsplat(
-            means, quats, scales, opacities, colors, viewmats, Ks, width, height, backgrounds, near, far
+            means, quats, scales, opacities, colors, viewmats, Ks, width, height, backgrounds, near, far,
+            options=options,
         )
         return RenderOutput(rgb, alpha, depth)
 
@@ -113,7 +125,47 @@ def render_gaussians(
         bg = backgrounds[b] if backgrounds is not None else None
         views.append(rasterize_view(*g, viewmats[b], Ks[b], width, height, bg, near=near, far=far))
     rgb, alpha, depth = (torch.stack(v, dim=0) for v in zip(*views))
-    return RenderOutput(rgb, alpha, depth)
+    return RenderOutput(rgb, alpha, depth if options.depth else None)
+
+
+def render_contributions(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    backend: str = "auto",
+    near: float = 0.01,
+    far: float = 100.0,
+) -> Tensor:
+    """How much each Gaussian draws into each view: (B, N) ``sum over pixels of w_i = T_i alpha_i``.
+
+    Removing Gaussian i changes a pixel by ``w_i (c_i - C_behind)``, at most ``w_i`` for colours in [0, 1], so this
+    bounds the L1 change of the view (in pixels) that dropping it makes. Same inputs as :func:`render_gaussians`
+    (shared (N, ...) or per-view (B, N, ...) Gaussians). gsplat: the gradient of the rendered image sum with
+    respect to a colour channel, which is exactly ``sum_p w_i(p)``; torch: the reference compositor sums the
+    weights it already evaluates (no autograd, bounded memory).
+    """
+    # Three channels, not one: the channel counts gsplat's kernels are built for certainly include 3.
+    ones = torch.ones_like(opacities)[..., None].expand(*opacities.shape, 3)
+    per_view = _check_shapes(means, quats, scales, opacities, ones, viewmats, Ks, None)
+    B = viewmats.shape[0]
+    if resolve_backend(backend, means.device) == "gsplat":
+        colors = torch.zeros_like(ones).contiguous().requires_grad_(True)
+        with torch.enable_grad():
+            rgb, _, _ = rasterize_gsplat(means.detach(), quats.detach(), scales.detach(), opacities.detach(), colors,
+                                         viewmats, Ks, width, height, None, near, far,
+                                         options=GsplatOptions(depth=False))
+            (grad,) = torch.autograd.grad(rgb[..., 0].sum(), colors)
+        return grad[..., 0] if per_view else grad[..., 0].expand(B, -1)
+    out = []
+    for b in range(B):
+        g = (means[b], quats[b], scales[b], opacities[b]) if per_view else (means, quats, scales, opacities)
+        out.append(gaussian_contributions(*g, viewmats[b], Ks[b], width, height, near=near, far=far))
+    return torch.stack(out, 0)
 
 
 def _check_shapes(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds) -> bool:

@@ -4,14 +4,16 @@ gsplat is imported lazily (it is an optional GPU dependency, ``pip install gspla
 on a machine without it unless asked to, and then it raises a one-line :class:`ConfigError`.
 
 Conventions passed to gsplat, mirrored exactly by :mod:`pipelines.render.reference`: ``viewmats`` are
-world-to-camera 4x4 (OpenCV axes), ``Ks`` are pixel intrinsics, ``packed=False``, ``rasterize_mode="classic"``,
+world-to-camera 4x4 (OpenCV axes), ``Ks`` are pixel intrinsics, ``rasterize_mode="classic"``,
 ``eps2d=0.3``, ``render_mode="RGB+ED"`` (the last channel is the expected camera-space z), post-activation
-``colors`` with any number of channels (``sh_degree=None``), backgrounds per view.
+``colors`` with any number of channels (``sh_degree=None``), backgrounds per view. Packing, the tile size and
+whether depth is rendered are :class:`GsplatOptions`.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -19,6 +21,23 @@ from torch import Tensor
 from pipelines.errors import ConfigError
 
 GSPLAT_VERSION = "1.5.3"
+
+
+@dataclass(frozen=True)
+class GsplatOptions:
+    """How gsplat lays out its work; none of these change the image beyond float32 rounding (the reference renderer
+    ignores them). The defaults are the one place they are chosen; ``bench/bench_speed.py --packed/--tile-size``
+    measures the alternatives.
+
+    packed: gsplat's sparse layout of the projected Gaussians (less memory; a device synchronisation more per call).
+    tile_size: pixels per side of a rasterization tile.
+    depth: also render the expected depth (``render_mode="RGB+ED"``); without it depth comes back as None, which
+        saves a channel, a concatenation and a division per call (reenactment and turntables do not read it).
+    """
+
+    packed: bool = False
+    tile_size: int = 16
+    depth: bool = True
 
 
 _import_error: list[str] = []  # why gsplat could not be imported, once it was tried
@@ -75,7 +94,8 @@ def rasterize_gsplat(
     near: float,
     far: float,
     eps2d: float = 0.3,
-) -> tuple[Tensor, Tensor, Tensor]:
+    options: GsplatOptions = GsplatOptions(),
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Render B views with gsplat.
 
     Args:
@@ -85,7 +105,7 @@ def rasterize_gsplat(
         All on one CUDA device.
 
     Returns:
-        rgb (B, H, W, C), alpha (B, H, W, 1), expected depth (B, H, W, 1).
+        rgb (B, H, W, C), alpha (B, H, W, 1), expected depth (B, H, W, 1) (None without ``options.depth``).
     """
     gsplat = require_gsplat()
     if means.device.type != "cuda":
@@ -120,12 +140,14 @@ def rasterize_gsplat(
         far_plane=float(far),
         eps2d=float(eps2d),
         sh_degree=None,
-        packed=False,
-        tile_size=16,
+        packed=bool(options.packed),
+        tile_size=int(options.tile_size),
         backgrounds=backgrounds.contiguous() if backgrounds is not None else None,
-        render_mode="RGB+ED",
+        render_mode="RGB+ED" if options.depth else "RGB",
         rasterize_mode="classic",
     )
     if per_view:
         renders, alphas = renders[:, 0], alphas[:, 0]
+    if not options.depth:
+        return renders, alphas, None
     return renders[..., :-1], alphas, renders[..., -1:]

@@ -223,6 +223,7 @@ def composite_tiles(
     tile_size: int = TILE_SIZE,
     max_elements: int = 1 << 22,
     first_layer: int = 32,
+    weight_sums: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Front-to-back alpha compositing of binned Gaussians, vectorized over tiles, pixels and Gaussians.
 
@@ -232,6 +233,8 @@ def composite_tiles(
         max_elements: bound on the number of (pixel, Gaussian) pairs evaluated at once; each float tensor of that
             size takes 4 bytes per element and a step holds a few of them (more when autograd records them).
         first_layer: how many Gaussians per tile the first step takes; later steps take more, as tiles drop out.
+        weight_sums: (M + 1,) buffer to which each Gaussian's ``sum over pixels of w_i`` is added (in place; the
+            last entry collects the padding), or None.
 
     Returns:
         accum (H, W, D): ``sum_i w_i f_i`` (no background). transmittance (H, W): ``T`` after the last Gaussian.
@@ -296,9 +299,11 @@ def composite_tiles(
             done_c = done[chunk]
             trans_c = trans[chunk]
             trans_in = trans_c.masked_fill(done_c, 0.0)
-            acc_c, stopped = _composite_chunk(
+            acc_c, stopped, weights = _composite_chunk(
                 table[g], tile_ox[chunk], tile_oy[chunk], local, trans_in, inplace=not track
             )
+            if weight_sums is not None:
+                weight_sums.index_add_(0, g.flatten(), weights.detach().sum(1).flatten())
             trans_out = torch.where(done_c, trans_c, trans_in - acc_c[:, -1])
             if track:
                 accum = accum.index_add(0, chunk, acc_c)
@@ -331,7 +336,7 @@ def _composite_chunk(
     local: Tensor,
     trans_in: Tensor,
     inplace: bool,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Composite k Gaussians per tile, in depth order, over the pixels of nt tiles.
 
     Args:
@@ -343,6 +348,7 @@ def _composite_chunk(
     Returns:
         accum (nt, D + 1, ts*ts): sum_i w_i f_i, the last channel being sum_i w_i.
         stopped (nt, ts*ts): the pixel reached T <= 1e-4 within these Gaussians (gsplat's "done").
+        weights (nt, ts*ts, k): w_i = T_i alpha_i of each pixel and Gaussian.
     """
     nt, k, _ = rows.shape
     ts = len(local)
@@ -379,7 +385,7 @@ def _composite_chunk(
         stopped = t_incl[..., -1].detach() <= thr
         weights = alpha / one_minus * F.threshold(t_incl, thr, 0.0)
     # (nt, D+1, k) @ (nt, k, P): much faster than (nt, P, k) @ (nt, k, D+1) for few channels.
-    return torch.bmm(features_t, weights.transpose(1, 2)), stopped
+    return torch.bmm(features_t, weights.transpose(1, 2)), stopped, weights
 
 
 def _float_below(value: float, dtype: torch.dtype) -> float:
@@ -468,3 +474,32 @@ def rasterize_view(
         rgb = rgb + trans[..., None] * background
     depth = accum[..., -1:] / alpha.clamp(min=1e-10)
     return rgb, alpha, depth
+
+
+def gaussian_contributions(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    viewmat: Tensor,
+    K: Tensor,
+    width: int,
+    height: int,
+    near: float = 0.01,
+    far: float = 1e10,
+    eps2d: float = EPS2D,
+    max_elements: int = 1 << 22,
+) -> Tensor:
+    """(N,) ``sum over pixels of w_i`` of each Gaussian in one view (0 for culled ones), by the tile compositor.
+
+    Inputs as :func:`rasterize_view`. No gradient is recorded (the weights are summed as they are evaluated).
+    """
+    with torch.no_grad():
+        proj = project_gaussians(means, quats, scales, opacities, viewmat, K, width, height, near, far, eps2d)
+        tile_offsets, flatten_ids = isect_tiles(proj.means2d, proj.radii, width, height)
+        sums = torch.zeros(len(proj.ids) + 1, device=means.device, dtype=proj.means2d.dtype)
+        features = proj.depths[:, None]
+        composite_tiles(proj.means2d, proj.conics, proj.opacities, features, tile_offsets, flatten_ids, width, height,
+                        max_elements=max_elements, weight_sums=sums)
+        out = torch.zeros(means.shape[0], device=means.device, dtype=sums.dtype)
+        return out.index_copy_(0, proj.ids, sums[:-1])
