@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -20,10 +21,13 @@ import numpy as np
 import pytest
 from skimage import data
 
+from video_files import sample_motion  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "fhavatar_cli"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-MOTION = ROOT / "sample_inputs" / "driving_motion.npz"
+SHIPPED_MOTION = ROOT / "sample_inputs" / "driving_motion.npz"  # the ICT head's
+MOTION = sample_motion(Path(tempfile.mkdtemp()), "embedded")  # these tests drive embedded-head avatars
 DEFAULT_WEIGHTS = ROOT / "weights" / "fhavatar_default.safetensors"
 TEMPLATE = ("--method", "template", "--uv-size", "64", "--head-model", "embedded")
 TURN = ("--frames", "2", "--size", "64", "--renderer", "torch")
@@ -152,6 +156,19 @@ def test_driving_motion_is_checked_before_rendering(avatar, tmp_path):
     other = _motion(tmp_path, "flame.npz", head_model=np.array("flame:generic_model"))
     line = one_error_line(cli("reenact", avatar, other, "--size", "64", check=2))
     assert "flame.npz" in line and "flame:generic_model" in line and "'embedded'" in line
+
+
+def test_shipped_sample_motion_drives_the_default_head():
+    """sample_inputs/driving_motion.npz (``make demo``) fits the head of the shipped weights, and it smiles and opens
+    the jaw."""
+    from pipelines.head.registry import load_head_model
+    from pipelines.reenact import check_driving, driving_tracking
+
+    head = load_head_model("auto")
+    trk = driving_tracking(SHIPPED_MOTION)
+    check_driving(trk, "driving_motion.npz", head.name, head.n_shape, head.n_expr)
+    smile = trk.params["expression"][:, list(head.expression_names).index("mouthSmile_L")]
+    assert smile.max() > 0.5 and trk.params["jaw"][:, 0].max() > 0.15
 
 
 def test_check_driving_names_shapes_that_do_not_fit_the_head():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -18,9 +20,11 @@ from pipelines.reenact import ReenactConfig, driving_tracking
 from pipelines.stages import reconstruct_item, reenact_item
 from pipelines.turntable import TurntableConfig, run_turntable
 
+from video_files import sample_motion  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_inputs" / "astronaut.jpg"
-MOTION = ROOT / "sample_inputs" / "driving_motion.npz"
+MOTION = sample_motion(Path(tempfile.mkdtemp()), "embedded")  # these tests drive embedded-head avatars
 
 
 @pytest.fixture(scope="module")

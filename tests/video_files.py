@@ -18,3 +18,18 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = 25) -> None:
     for f in frames:
         writer.send(np.ascontiguousarray(f))
     writer.close()
+
+
+def sample_motion(folder: Path, head_model: str) -> Path:
+    """``tools/make_sample_motion.py`` for ``head_model`` written into ``folder`` (the shipped
+    sample_inputs/driving_motion.npz is the ICT head's; tests that drive embedded-head avatars make their own)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = Path(folder) / f"driving_motion_{head_model}.npz"
+    subprocess.run([sys.executable, str(root / "tools" / "make_sample_motion.py"), "--head-model", head_model,
+                    "--out", str(out)], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(root)})
+    return out
