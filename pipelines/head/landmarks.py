@@ -198,6 +198,7 @@ def build_landmark_embedding(
     reference: np.ndarray,
     anchors: Mapping[int, Sequence[float]] | None = None,
     indices: Sequence[int] | None = None,
+    skin_regions: Sequence[str] | None = None,
 ) -> LandmarkEmbedding:
     """Embed MediaPipe landmarks on ``head``'s template surface.
 
@@ -207,6 +208,9 @@ def build_landmark_embedding(
         anchors: MediaPipe index -> frontal (x, y) position on ``head``'s template for a few semantic points (see
             ``ANCHOR_INDICES``); default ``head.landmark_anchors()``.
         indices: which landmarks to embed (default: all 478).
+        skin_regions: REGIONS names the non-iris landmarks may land on (default: every triangle but the eyeballs).
+            A head with an eye socket or mouth interior behind its openings names its skin here, so an eyelid or
+            inner-lip point that falls into an opening goes to the nearest lid or lip margin, not centimetres deep.
     Returns:
         LandmarkEmbedding with mp_index (L,), faces (L,) and bary (L, 3).
     """
@@ -223,11 +227,13 @@ def build_landmark_embedding(
     aligned = align_reference(reference, anchors)[idx]
     verts = head.v_template.detach().cpu().double().numpy()
     faces = head.faces.detach().cpu().numpy()
-    is_eye = head.face_region.detach().cpu().numpy() == REGIONS["eyes"]
+    region = head.face_region.detach().cpu().numpy()
+    is_eye = region == REGIONS["eyes"]
+    is_skin = ~is_eye if skin_regions is None else np.isin(region, [REGIONS[n] for n in skin_regions])
     is_iris = np.isin(idx, IRISES)
     face_ids = np.empty(len(idx), dtype=np.int64)
     bary = np.empty((len(idx), 3))
-    for want_iris, tri_mask in ((True, is_eye), (False, ~is_eye)):
+    for want_iris, tri_mask in ((True, is_eye), (False, is_skin)):
         sel = np.nonzero(is_iris == want_iris)[0]
         if len(sel) == 0:
             continue

@@ -251,7 +251,9 @@ def ict_landmark_embedding(head: "IctHeadModel") -> LandmarkEmbedding:
     verts = head.v_template.detach().cpu().double().numpy()
     lm68 = verts[head.landmarks68.cpu().numpy()]
     anchors = {int(mp): (float(p[0]), float(p[1])) for mp, p in zip(MEDIAPIPE_TO_IBUG68, lm68)}
-    return build_landmark_embedding(head, load_reference_face(), anchors)
+    # Skin only: ICT has eye sockets behind the eyeballs, and 11 of each eye's 16 contour points fell through the
+    # lid opening onto them, 2.6 cm deep (the tracked lids then opened wide and eye errors tripled under yaw).
+    return build_landmark_embedding(head, load_reference_face(), anchors, skin_regions=("face",))
 
 
 @lru_cache(maxsize=2)
