@@ -9,6 +9,9 @@ Example (the table in docs/HEAD_MODELS.md)::
 
     fhavatar preprocess ../shared/data/clips/*.mp4 --out pp --head-model ict
     python tools/compare_tracking.py pp/*/ --heads embedded ict --out docs/tracking_compare
+
+``--keep HEAD --previous OLD.json`` copies HEAD's per-clip results from an earlier run instead of re-tracking
+(for a head model that did not change; its rows are marked ``"kept": true``).
 """
 
 from __future__ import annotations
@@ -41,11 +44,16 @@ def main() -> None:
     ap.add_argument("folders", nargs="+", type=Path, help="item folders (<out>/<id>/) or their preprocess/ folders")
     ap.add_argument("--heads", nargs="+", default=["embedded", "ict"])
     ap.add_argument("--out", type=Path, default=Path("tracking_compare"), help="writes OUT.json and OUT.md")
+    ap.add_argument("--keep", nargs="*", default=[], help="heads whose results are copied from --previous")
+    ap.add_argument("--previous", type=Path, help="an earlier OUT.json (for --keep)")
     args = ap.parse_args()
+    if args.keep and args.previous is None:
+        ap.error("--keep needs --previous")
 
     from pipelines.head.registry import load_head_model
 
-    heads = {k: load_head_model(k) for k in args.heads}
+    previous = {r["clip"]: r for r in json.loads(args.previous.read_text())} if args.keep else {}
+    heads = {k: (None if k in args.keep else load_head_model(k)) for k in args.heads}
     rows = []
     for folder in sorted(args.folders):
         stage = folder / "preprocess" if (folder / "preprocess").is_dir() else folder
@@ -53,7 +61,7 @@ def main() -> None:
             continue
         row = {"clip": stage.parent.name.rsplit("-", 1)[0] if stage.name == "preprocess" else stage.name}
         for name, head in heads.items():
-            row[name] = track_clip(stage, head)
+            row[name] = {**previous[row["clip"]][name], "kept": True} if head is None else track_clip(stage, head)
         rows.append(row)
         print(row["clip"], {k: (row[k]["tracked"], round(row[k]["median_px"], 2)) for k in heads}, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
