@@ -89,7 +89,9 @@ def with_network(cfg: ReconstructConfig, device: str = "cpu", uv_size: int | Non
     from .network.weights import load_network, weights_head
     from .uv.space import uv_layout_digest
 
-    trained_on = weights_head(cfg.weights)
+    net = load_network(cfg.weights, device, prior=cfg.prior if cfg.prior != "builtin" else None,
+                       config=NetworkConfig(uv_size=cfg.uv_size, prior=cfg.prior))
+    trained_on = weights_head(cfg.weights)  # after the load: a damaged file is exit 3 first
     if head is not None and trained_on is not None:
         if trained_on["head"] != head.kind:
             raise ConfigError(f"the network weights were trained on the '{trained_on['head']}' head model, not "
@@ -99,8 +101,6 @@ def with_network(cfg: ReconstructConfig, device: str = "cpu", uv_size: int | Non
             raise ConfigError(f"the network weights were trained on another version of the '{head.kind}' head model "
                               f"(UV layout {trained_on['head_digest']}, this one {uv_layout_digest(head)})",
                               "use the head model files the weights were trained with, or retrain")
-    net = load_network(cfg.weights, device, prior=cfg.prior if cfg.prior != "builtin" else None,
-                       config=NetworkConfig(uv_size=cfg.uv_size, prior=cfg.prior))
     K = net.config.uv_size
     if uv_size is not None and uv_size != K:
         raise ConfigError(f"--uv-size {uv_size} conflicts with the network weights, which were trained for K = {K}",

@@ -487,3 +487,24 @@ def test_head_model_id(fx):
     assert re.fullmatch(r"[0-9a-f]{12}", ida) and ida == registry.head_model_id(b)
     assert registry.head_model_id(FlameHeadModel(fx.path, FlameConfig(close_mouth=False))) != ida
     assert registry.head_model_id(FlameHeadModel(fx.path, FlameConfig(n_expr=50))) != ida
+
+
+def test_reconstruct_refuses_weights_trained_on_another_head(tmp_path):
+    """A network is refused on a head it was not trained on, and on another UV layout of the same kind, in one
+    line naming both; the matching head passes."""
+    from pipelines.head.embedded import EmbeddedHeadModel
+    from pipelines.reconstruct import ReconstructConfig, with_network
+
+    head = EmbeddedHeadModel()
+    cfg = lambda w: ReconstructConfig(method="network", weights=w, uv_size=32)  # noqa: E731
+    with pytest.raises(ConfigError, match="trained on the 'ict' head model, not 'embedded'"):
+        with_network(cfg(_weights_for_head(tmp_path / "ict.safetensors", "ict")), "cpu", None, head)
+    other = tmp_path / "other.safetensors"
+    from pipelines.network import NetworkConfig
+    from pipelines.network.model import FHAvatarNet
+    from pipelines.network.weights import save_checkpoint
+
+    save_checkpoint(other, FHAvatarNet(NetworkConfig.tiny()), extra={"head": "embedded", "head_digest": "0" * 16})
+    with pytest.raises(ConfigError, match="another version of the 'embedded' head model"):
+        with_network(cfg(str(other)), "cpu", None, head)
+    assert with_network(cfg(_weights_for_head(tmp_path / "old.safetensors", None)), "cpu", None, head)[1] is not None
