@@ -214,6 +214,8 @@ def _color(text: str | None) -> tuple[float, float, float] | None:
     return None if text is None else parse_color(text)
 
 
+COMPLETE_HELP = ("Complete what the photo never showed: hair and skin colour from the visible ones, a hair volume "
+                 "fitted to the matte, no see-through back (pipelines/avatar/complete.py).")
 REFINE_HELP = ("Fit each avatar to its source view: N Adam steps, or auto (a measured number on CUDA, 0 on the CPU). "
                "Default: ReconstructConfig's (pipelines/reconstruct.py).")
 
@@ -445,6 +447,7 @@ def reconstruct(
     uv_size: Optional[int] = typer.Option(None, help="UV map size K. With --method network the checkpoint sets K "
                                           "(a different --uv-size is refused)."),
     ply: bool = typer.Option(False, "--ply", help="Also export a standard 3DGS .ply."),
+    complete: Optional[bool] = typer.Option(None, "--complete/--no-complete", help=COMPLETE_HELP),
     head_model: HeadModel = "auto",
     *,
     common: Common,
@@ -458,7 +461,7 @@ def reconstruct(
 
     try:
         cfg = _config(ReconstructConfig, method=method, uv_size=uv_size, source_frame=source_frame,
-                      refine_steps=refine_steps, weights=weights, prior=prior).validate()
+                      refine_steps=refine_steps, weights=weights, prior=prior, complete=complete).validate()
         items = _select(inputs, IMAGE_EXTS + VIDEO_EXTS, common.shard)
         _output_folder(out)
         head = _load_head(head_model, dev)
