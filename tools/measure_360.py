@@ -218,24 +218,27 @@ def mean_of(results: list[dict], cond: str, key: str) -> float | None:
 
 
 def markdown(results: list[dict], clips: list[dict], yaws, header: str) -> str:
-    keys = (["dE180"] + [f"holes@{int(y)}" for y in yaws] + [f"holes_mesh@{int(y)}" for y in yaws]
-            + ["source_psnr", "source_alpha_iou"])
-    lines = [header, "", "| photo | " + " | ".join(f"{k} before | {k} after" for k in keys) + " |",
-             "|---|" + "---|" * (2 * len(keys))]
-    fmt = lambda v, k: "–" if v is None else (f"{100 * v:.2f} %" if k.startswith("holes") else f"{v:.2f}")  # noqa: E731
-    for r in results:
-        lines.append(f"| {r['photo']} | " + " | ".join(
-            f"{fmt(r['before'].get(k), k)} | {fmt(r['after'].get(k), k)}" for k in keys) + " |")
-    lines.append("| **mean** | " + " | ".join(
-        f"{fmt(mean_of(results, 'before', k), k)} | {fmt(mean_of(results, 'after', k), k)}" for k in keys) + " |")
-    worst = {k: max((r["after"].get(k, 0) for r in results), default=0) for k in keys if k.startswith("holes")}
-    lines += ["", "Worst photo after completion: " + ", ".join(f"{k} {100 * v:.2f} %" for k, v in worst.items())]
+    """Two tables (colour and source view; holes as before -> after) with the means, then the clips."""
+    fmt = lambda v, pct=False: "–" if v is None else (f"{100 * v:.2f}" if pct else f"{v:.2f}")  # noqa: E731
+    pair = lambda r, k, pct=False: f"{fmt(r['before'].get(k), pct)} → {fmt(r['after'].get(k), pct)}"  # noqa: E731
+    mean = ({c: {k: mean_of(results, c, k) for k, v in results[0][c].items() if isinstance(v, (int, float))}
+             for c in ("before", "after")} if results else {})
+    rows = results + ([{"photo": "**mean**", **mean}] if results else [])
+    out = [header, "", "| photo | ΔE180 | source PSNR (dB) | source alpha IoU |", "|---|---|---|---|"]
+    out += [f"| {r['photo']} | {pair(r, 'dE180')} | {pair(r, 'source_psnr')} | {pair(r, 'source_alpha_iou')} |"
+            for r in rows]
+    for key, title in (("holes", "holes (% of the closed head silhouette, alpha < 0.5)"),
+                       ("holes_mesh", "holes inside the mesh silhouette alone (%)")):
+        out += ["", f"{title}, before → after:", "",
+                "| photo | " + " | ".join(f"{int(y)}°" for y in yaws) + " |", "|---|" + "---|" * len(yaws)]
+        out += [f"| {r['photo']} | " + " | ".join(pair(r, f"{key}@{int(y)}", True) for y in yaws) + " |" for r in rows]
+        worst = [max(r["after"].get(f"{key}@{int(y)}", 0) for r in results) for y in yaws] if results else []
+        out.append("| worst after | " + " | ".join(fmt(w, True) for w in worst) + " |")
     if clips:
-        lines += ["", "| clip | source PSNR before | after | later-frame PSNR before | after |", "|---|---|---|---|---|"]
-        for c in clips:
-            lines.append(f"| {c['clip']} | {c['before']['source_psnr']:.2f} | {c['after']['source_psnr']:.2f} | "
-                         f"{c['before']['later_psnr']:.2f} | {c['after']['later_psnr']:.2f} |")
-    return "\n".join(lines) + "\n"
+        out += ["", "| clip | source PSNR before → after | later-frame PSNR before → after |", "|---|---|---|"]
+        out += [f"| {c['clip']} | {c['before']['source_psnr']:.2f} → {c['after']['source_psnr']:.2f} | "
+                f"{c['before']['later_psnr']:.2f} → {c['after']['later_psnr']:.2f} |" for c in clips]
+    return "\n".join(out) + "\n"
 
 
 def find_preprocess(photo: Path, roots: list[Path], work: Path, head) -> Path:
@@ -274,7 +277,17 @@ def main(argv=None) -> int:
     ap.add_argument("--contact-sheet", type=Path, default=None)
     ap.add_argument("--sheet-photos", default=",".join(DEFAULT_SHEET))
     ap.add_argument("--tile", type=int, default=160)
+    ap.add_argument("--report-only", action="store_true", help="Rewrite measure_360.md from <out>/measure_360.json.")
     a = ap.parse_args(argv)
+    if a.report_only:
+        data = json.loads((a.out / "measure_360.json").read_text())
+        st = data["settings"]
+        header = (f"measure_360: --method {st['method']} --head-model {st['head_model']}, {len(data['photos'])} "
+                  f"photos, {st['size']}² renders")
+        (a.out / "measure_360.md").write_text(markdown(data["photos"], data["clips"],
+                                                       [float(y) for y in st["yaws"].split(",")], header))
+        print((a.out / "measure_360.md").read_text())
+        return 0
 
     from pipelines.head.registry import load_head_model
     from pipelines.reconstruct import ReconstructConfig, with_network
