@@ -216,6 +216,8 @@ def _color(text: str | None) -> tuple[float, float, float] | None:
     return None if text is None else parse_color(text)
 
 
+COMPLETE_HELP = ("Complete what the photo never showed: hair and skin colour from the visible ones, a hair volume "
+                 "fitted to the matte, no see-through back (pipelines/avatar/complete.py).")
 REFINE_HELP = ("Fit each avatar to its source view: N Adam steps, or auto (a measured number on CUDA, 0 on the CPU). "
                "Default: ReconstructConfig's (pipelines/reconstruct.py).")
 
@@ -459,6 +461,7 @@ def reconstruct(
                                                        "at 512², largest over orbit views and poses; 0 = off)."),
     max_gaussians: Optional[int] = typer.Option(None, help="Keep at most this many Gaussians, by contribution "
                                                 "(0 = no cap)."),
+    complete: Optional[bool] = typer.Option(None, "--complete/--no-complete", help=COMPLETE_HELP),
     head_model: HeadModel = "auto",
     *,
     common: Common,
@@ -475,7 +478,8 @@ def reconstruct(
         prune = _config(PruneConfig, min_opacity=prune_opacity, min_contribution=prune_contribution,
                         max_gaussians=max_gaussians)
         cfg = _config(ReconstructConfig, method=method, uv_size=uv_size, source_frame=source_frame,
-                      refine_steps=refine_steps, weights=weights, prior=prior, prune=prune).validate()
+                      refine_steps=refine_steps, weights=weights, prior=prior, prune=prune,
+                      complete=complete).validate()
         items = _select(inputs, IMAGE_EXTS + VIDEO_EXTS, common.shard)
         _output_folder(out)
         head = _load_head(head_model, dev, cfg.weights)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .avatar.artifact import Avatar
+from .avatar.complete import CompleteConfig, complete_maps
 from .avatar.head import head_record
 from .avatar.maps import ATTRIBUTE_SLICES, REGION_COLORS, template_maps
 from .avatar.prune import PruneConfig, prune_avatar
@@ -44,6 +45,14 @@ class ReconstructConfig:
     prior: str = "builtin"
     refine: RefineConfig = field(default_factory=RefineConfig)  # how refinement fits (losses, step sizes, schedule)
     prune: PruneConfig = field(default_factory=PruneConfig)  # which Gaussians the avatar keeps (avatar/prune.py)
+    # What the source never saw: hair-cap and skin fill, hair volume, opacity floor (--complete/--no-complete).
+    complete: CompleteConfig = field(default_factory=CompleteConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.complete, bool):  # the CLI switch: on/off with CompleteConfig's other defaults
+            self.complete = CompleteConfig(enabled=self.complete)
+        elif isinstance(self.complete, dict):  # settings read back from a manifest
+            self.complete = CompleteConfig(**self.complete)
 
     def validate(self) -> "ReconstructConfig":
         if self.method not in METHODS:
@@ -60,6 +69,7 @@ class ReconstructConfig:
                               "use --method network or unproject")
         self.refine.validate()
         self.prune.validate()
+        self.complete.validate()
         return self
 
     def for_device(self, device: str | torch.device) -> "ReconstructConfig":
@@ -196,6 +206,8 @@ def reconstruct(source: SourceFrame, head: HeadModel, uv: UVSpace, cfg: Reconstr
             pred = predict_avatar(net, head, uv, source.image[None], source.params, source.c2w[None], source.K[None])
             maps, delta_p = pred.A, pred.delta_p_canonical
             meta["visible_fraction"] = pred.visible_fraction(uv)
+        if cfg.method != "template":  # before refinement, which then holds the unseen texels at the completion
+            maps, delta_p, meta["complete"] = complete_maps(maps, delta_p, source, head, uv, cfg.complete)
     if cfg.refine_steps:
         # Outside no_grad: refinement differentiates the renders with respect to the maps.
         maps, meta["refine"] = refine_maps(maps, delta_p, source, head, uv, cfg.refine_steps, cfg.refine,

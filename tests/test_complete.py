@@ -1,0 +1,197 @@
+"""Completion of the never-seen head (pipelines/avatar/complete.py, issue 18), on a synthetic source.
+
+The embedded head at K = 64 with a sparse hair grid, a frontal source camera, and a photo painted from the head's own
+projection: skin where the head's skin (face below the hairline, ears, neck) projects, a known hair colour elsewhere
+inside a matte that reaches 12 px above the head (hair the head model lacks). CPU, 64-128 px renders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import binary_dilation, binary_erosion
+
+from pipelines.avatar.binding import AvatarRig
+from pipelines.avatar.complete import (CompleteConfig, complete_maps, fill_gutter, hair_cap, rasterize_mask,
+                                       vertex_normals)
+from pipelines.avatar.maps import ATTRIBUTE_SLICES, template_maps
+from pipelines.core.camera import DEFAULT_RADIUS, normalized_intrinsics, orbit_cameras, world_to_camera
+from pipelines.errors import ConfigError
+from pipelines.head.base import REGIONS
+from pipelines.head.registry import load_head_model
+from pipelines.reconstruct import ReconstructConfig, SourceFrame, reconstruct, unproject_maps
+from pipelines.refine import seen_by_source
+from pipelines.train.forward import render_rig
+from pipelines.uv.space import UVConfig, build_uv_space
+
+torch.set_num_threads(1)
+HAIR = (0.30, 0.15, 0.05)
+SKIN = (0.85, 0.65, 0.55)
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def head():
+    return load_head_model("embedded")
+
+
+@pytest.fixture(scope="module")
+def uv(head):
+    return build_uv_space(head, UVConfig(size=64, hair_grid_cols=64, hair_grid_rows=16, include_vertices=False))
+
+
+def camera(head, yaw: float = 0.0) -> torch.Tensor:
+    target = tuple(float(x) for x in head.head_center())
+    return orbit_cameras(torch.tensor([yaw]), torch.tensor([0.0]), DEFAULT_RADIUS, target)[0]
+
+
+@pytest.fixture(scope="module")
+def source(head) -> SourceFrame:
+    return synthetic_source(head)
+
+
+def synthetic_source(head) -> SourceFrame:
+    params = head.zero_params()
+    c2w, K = camera(head), normalized_intrinsics()[0]
+    verts = head(params)[0]
+    w2c = world_to_camera(c2w[None])[0]
+    cap = hair_cap(head, head.canonical()[0], CompleteConfig().hairline_above_eyes)
+    skin_faces = head.faces[~cap[head.faces].all(1)]
+    skin = rasterize_mask(verts, skin_faces, w2c, K, SIZE)
+    whole = rasterize_mask(verts, head.faces, w2c, K, SIZE)
+    matte = whole.copy()
+    top = np.zeros_like(whole)
+    top[:, :] = np.arange(SIZE)[:, None] < SIZE * 0.45  # the upper part of the head: hair grows out of it
+    matte |= binary_dilation(whole, iterations=12) & top
+    image = np.ones((3, SIZE, SIZE), np.float32)
+    for c in range(3):
+        image[c][matte] = HAIR[c]
+        image[c][skin & ~top | skin & whole & ~binary_dilation(~skin, iterations=2)] = SKIN[c]
+    return SourceFrame(torch.from_numpy(image), torch.from_numpy(matte.astype(np.float32))[None], params, K, c2w)
+
+
+@pytest.fixture(scope="module")
+def completed(source, head, uv):
+    maps = unproject_maps(source, head, uv)
+    delta_p = torch.zeros(1, 3, uv.size, uv.size)
+    out, dp, info = complete_maps(maps, delta_p, source, head, uv, CompleteConfig())
+    return maps, out, dp, info
+
+
+def back_scalp_texels(head, uv, seen):
+    """(rows, cols) of never-seen scalp texels on the back of the head (canonical z < -5 cm)."""
+    p = uv.position_map(head.canonical(), head.faces)[0]
+    m = uv.region_mask("scalp") & ~seen & (p[2] < head.head_center()[2] - 0.05)
+    return torch.nonzero(m, as_tuple=True)
+
+
+def test_never_seen_scalp_takes_the_visible_hair_colour(source, head, uv, completed):
+    maps, out, _, info = completed
+    seen = seen_by_source(source, head, uv)[0][0, 0]
+    r, c = back_scalp_texels(head, uv, seen)
+    assert len(r) > 20
+    # A grey shell where the photo shows nothing (today's network) gets the hair colour too.
+    grey = maps.clone()
+    grey[0, ATTRIBUTE_SLICES["color"]] = torch.where(seen, grey[0, ATTRIBUTE_SLICES["color"]], torch.tensor(0.5))
+    filled = complete_maps(grey, torch.zeros(1, 3, uv.size, uv.size), source, head, uv, CompleteConfig())[0]
+    np.testing.assert_allclose(filled[0, ATTRIBUTE_SLICES["color"]][:, r, c].mean(1).numpy(), HAIR, atol=0.03)
+    colour = out[0, ATTRIBUTE_SLICES["color"]][:, r, c]  # (3, n)
+    # Before completion the unprojection filled them with the scalp's mean over seen and mirrored texels, which
+    # mixes in the skin of a high forehead; after, the visible hair's colour (the photo's hair median).
+    np.testing.assert_allclose(colour.mean(1).numpy(), HAIR, atol=0.03)
+    assert float((colour - torch.tensor(HAIR)[:, None]).abs().max()) < 0.12  # texture stays faint
+    assert info["group_colour"]["hair"] == pytest.approx(list(HAIR), abs=0.01)
+
+
+def test_seen_texels_keep_their_attributes(source, head, uv, completed):
+    maps, out, dp, _ = completed
+    seen = seen_by_source(source, head, uv)[0][0, 0]
+    face = seen & uv.region_mask("face")
+    cap = hair_cap(head, head.canonical()[0], CompleteConfig().hairline_above_eyes)
+    from pipelines.avatar.complete import _TexelVertex
+
+    tv = _TexelVertex(uv, head.faces, head.num_vertices)
+    cap_map = torch.zeros_like(uv.valid)
+    cap_t = tv.to_texels(cap.numpy()[:, None].astype(float))[:, 0] > 0.5
+    cap_map[tv.rows[cap_t], tv.cols[cap_t]] = True
+    # Facing the camera (texels seen edge-on carry the matte's rim and are completed like unseen ones).
+    verts = head(source.params)[0]
+    n = torch.nn.functional.normalize(torch.as_tensor(tv.to_texels(vertex_normals(verts, head.faces).numpy())), dim=-1)
+    p = torch.as_tensor(tv.to_texels(verts.numpy()))
+    cos = (n * torch.nn.functional.normalize(p - source.c2w[:3, 3].double(), dim=-1)).sum(-1).abs()
+    facing = torch.zeros_like(uv.valid)
+    ok = (cos >= CompleteConfig().contour_cos).numpy()
+    facing[tv.rows[ok], tv.cols[ok]] = True
+    keep = face & ~cap_map & facing  # the seen face below the hairline: no hair volume reaches it
+    assert keep.sum() > 200
+    assert torch.equal(out[0][:, keep], maps[0][:, keep])
+    assert torch.equal(dp[0][:, keep], torch.zeros_like(dp[0][:, keep]))
+
+
+def test_hair_volume_grows_the_silhouette_to_the_matte(source, head, uv, completed):
+    maps, out, dp, info = completed
+    assert info["hair"]["contour_vertices"] > 10 and info["hair"]["max_mm"] > 10
+    rig = lambda A, d: AvatarRig(head, uv, A, source.params.shape, d)  # noqa: E731
+    verts = head(source.params)
+    K = source.K[None]
+    before = render_rig(rig(maps, torch.zeros_like(dp)), verts, source.c2w[None], K, SIZE, backend="torch")
+    after = render_rig(rig(out, dp), verts, source.c2w[None], K, SIZE, backend="torch")
+    # The crown's Gaussians rise to the matte's top, 12 px (3 cm at the head) above the head's own.
+    px = DEFAULT_RADIUS / normalized_intrinsics()[0, 0, 0] / SIZE
+    top = lambda A, d: float(rig(A, d).pose(verts).means[0, :, 1].max())  # noqa: E731
+    rise = top(out, dp) - top(maps, torch.zeros_like(dp))
+    assert 8 * px < rise < 13 * px
+    # The face (seen, below the hairline) renders as before in the source view (to the K = 64 blobs' blur).
+    centre = (slice(SIZE // 2, SIZE * 3 // 4), slice(SIZE * 3 // 8, SIZE * 5 // 8))
+    diff = (after.rgb[0][:, centre[0], centre[1]] - before.rgb[0][:, centre[0], centre[1]]).abs()
+    assert float(diff.max()) < 0.03
+
+
+def test_no_holes_at_180_after_completion(source, head, uv):
+    """A template avatar made faint (as a network's back of the head): alpha < 0.5 inside the head's silhouette at
+    180° drops below 1 % once completed."""
+    faint = template_maps(uv)
+    faint[:, ATTRIBUTE_SLICES["opacity"]] = 0.03
+    faint[:, ATTRIBUTE_SLICES["scale"]] = 0.4
+    dp = torch.zeros(1, 3, uv.size, uv.size)
+    done, dp2, _ = complete_maps(faint, dp, source, head, uv, CompleteConfig(hair_volume=False))
+    params = head.zero_params()
+    c2w = camera(head, 180.0)
+    ref = binary_erosion(rasterize_mask(head(params)[0], head.faces, world_to_camera(c2w[None])[0],
+                                        normalized_intrinsics()[0], 64), iterations=2)
+
+    def holes(A, d):
+        r = render_rig(AvatarRig(head, uv, A, params.shape, d), head(params), c2w[None], normalized_intrinsics(), 64,
+                       backend="torch")
+        return float((r.alpha[0, 0].numpy()[ref] < 0.5).mean())
+
+    assert holes(faint, dp) > 0.3
+    assert holes(done, dp2) < 0.01
+
+
+def test_gutter_takes_the_nearest_valid_texel():
+    valid = torch.zeros(8, 8, dtype=torch.bool)
+    valid[2:6, 2:6] = True
+    maps = torch.zeros(1, 2, 8, 8)
+    maps[0, 0][valid] = torch.arange(16.0)
+    out = fill_gutter(maps, valid, 1)
+    assert torch.equal(out[0][:, valid], maps[0][:, valid])
+    assert out[0, 0, 1, 2] == maps[0, 0, 2, 2] and out[0, 0, 3, 6] == maps[0, 0, 3, 5]
+    assert out[0, 0, 0, 0] == 0  # farther than the gutter width: untouched
+
+
+def test_config_flows_and_is_recorded(source, head, uv):
+    cfg = ReconstructConfig(method="unproject", uv_size=64, complete=False).validate()
+    assert cfg.complete.enabled is False and str(cfg.complete) == "off"
+    assert asdict(ReconstructConfig())["complete"]["enabled"] is True  # on by default, in the stage settings
+    off = reconstruct(source, head, uv, cfg)
+    on = reconstruct(source, head, uv, replace(cfg, complete=CompleteConfig()))
+    assert off.meta["complete"] == {"enabled": False} and off.meta["config"]["complete"]["enabled"] is False
+    assert on.meta["complete"]["filled"] > 0 and on.meta["config"]["complete"]["opacity_floor"] == 0.95
+    assert np.abs(on.delta_p).max() > 0.005 and np.abs(off.delta_p).max() == 0
+    with pytest.raises(ConfigError):
+        ReconstructConfig(complete=CompleteConfig(opacity_floor=1.5)).validate()
+    assert REGIONS["scalp"] == 1
