@@ -49,8 +49,9 @@ _EPS = 1e-4
 class RefineConfig:
     """How refinement fits an avatar to its source view (``ReconstructConfig.refine_steps`` says how long)."""
 
-    # What ``--refine-steps auto`` means on CUDA; on the CPU auto means 0 (5.5 s a step at K = 256, 512² there).
-    auto_steps: int = 200
+    # What ``--refine-steps auto`` means on CUDA (measured on the H200, bench/RESULTS.md 2026-12-03: 50 steps ~1 s,
+    # better on every validation clip; 200 and 500 lose driven frames); on the CPU auto means 0 (5.5 s a step there).
+    auto_steps: int = 50
     channels: tuple[str, ...] = ("color", "opacity", "scale", "rotation", "offset")
     # Adam step sizes, in each attribute's free units: logit, logit, log, quaternion, millimetres.
     lr_color: float = 0.05
