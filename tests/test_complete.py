@@ -77,7 +77,7 @@ def synthetic_source(head) -> SourceFrame:
 def completed(source, head, uv):
     maps = unproject_maps(source, head, uv)
     delta_p = torch.zeros(1, 3, uv.size, uv.size)
-    out, dp, info = complete_maps(maps, delta_p, source, head, uv, CompleteConfig())
+    out, dp, info = complete_maps(maps, delta_p, source, head, uv, CompleteConfig(enabled=True))
     return maps, out, dp, info
 
 
@@ -96,7 +96,7 @@ def test_never_seen_scalp_takes_the_visible_hair_colour(source, head, uv, comple
     # A grey shell where the photo shows nothing (today's network) gets the hair colour too.
     grey = maps.clone()
     grey[0, ATTRIBUTE_SLICES["color"]] = torch.where(seen, grey[0, ATTRIBUTE_SLICES["color"]], torch.tensor(0.5))
-    filled = complete_maps(grey, torch.zeros(1, 3, uv.size, uv.size), source, head, uv, CompleteConfig())[0]
+    filled = complete_maps(grey, torch.zeros(1, 3, uv.size, uv.size), source, head, uv, CompleteConfig(enabled=True))[0]
     np.testing.assert_allclose(filled[0, ATTRIBUTE_SLICES["color"]][:, r, c].mean(1).numpy(), HAIR, atol=0.03)
     colour = out[0, ATTRIBUTE_SLICES["color"]][:, r, c]  # (3, n)
     # Before completion the unprojection filled them with the scalp's mean over seen and mirrored texels, which
@@ -157,7 +157,7 @@ def test_no_holes_at_180_after_completion(source, head, uv):
     faint[:, ATTRIBUTE_SLICES["opacity"]] = 0.03
     faint[:, ATTRIBUTE_SLICES["scale"]] = 0.4
     dp = torch.zeros(1, 3, uv.size, uv.size)
-    done, dp2, _ = complete_maps(faint, dp, source, head, uv, CompleteConfig(hair_volume=False))
+    done, dp2, _ = complete_maps(faint, dp, source, head, uv, CompleteConfig(enabled=True, hair_volume=False))
     params = head.zero_params()
     c2w = camera(head, 180.0)
     ref = binary_erosion(rasterize_mask(head(params)[0], head.faces, world_to_camera(c2w[None])[0],
@@ -186,9 +186,9 @@ def test_gutter_takes_the_nearest_valid_texel():
 def test_config_flows_and_is_recorded(source, head, uv):
     cfg = ReconstructConfig(method="unproject", uv_size=64, complete=False).validate()
     assert cfg.complete.enabled is False and str(cfg.complete) == "off"
-    assert asdict(ReconstructConfig())["complete"]["enabled"] is True  # on by default, in the stage settings
+    assert asdict(ReconstructConfig())["complete"]["enabled"] is False  # off by default, in the stage settings
     off = reconstruct(source, head, uv, cfg)
-    on = reconstruct(source, head, uv, replace(cfg, complete=CompleteConfig()))
+    on = reconstruct(source, head, uv, replace(cfg, complete=CompleteConfig(enabled=True)))
     assert off.meta["complete"] == {"enabled": False} and off.meta["config"]["complete"]["enabled"] is False
     assert on.meta["complete"]["filled"] > 0 and on.meta["config"]["complete"]["opacity_floor"] == 0.95
     assert np.abs(on.delta_p).max() > 0.005 and np.abs(off.delta_p).max() == 0

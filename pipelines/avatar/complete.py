@@ -47,9 +47,11 @@ SKIN_REGIONS = ("face", "ears", "neck", "other")  # "other": the embedded head's
 
 @dataclass
 class CompleteConfig:
-    """How the never-seen part of an avatar is completed (``ReconstructConfig.complete``; ``--no-complete`` off)."""
+    """How the never-seen part of an avatar is completed (``ReconstructConfig.complete``; ``--complete`` on)."""
 
-    enabled: bool = True
+    # Off by default: on the v2 network (ICT head) it lowers the sample portrait's source-view PSNR from 19.5 to
+    # 14.8 dB (face texels under the nose take the hair colour; docs/BACK_OF_HEAD.md). Opt in with --complete.
+    enabled: bool = False
     hairline_above_eyes: float = 0.045  # metres above the eye centres where the hair cap starts on the face region
     fill_falloff: float = 0.04  # metres over which the diffused seen colours fade into the group's statistic
     texture: float = 0.6  # share of the visible hair's colour variation carried to the back (0 = flat fill)
