@@ -107,9 +107,10 @@ def with_network(cfg: ReconstructConfig, device: str = "cpu", uv_size: int | Non
             raise ConfigError(f"the network weights were trained on the '{trained_on['head']}' head model, not "
                               f"'{head.kind}'", f"use --head-model {trained_on['head']} (or auto), or weights "
                               f"trained on '{head.kind}'")
-        if trained_on.get("head_digest", uv_layout_digest(head)) != uv_layout_digest(head):
+        digest = uv_layout_digest(head)
+        if trained_on.get("head_digest", digest) != digest:
             raise ConfigError(f"the network weights were trained on another version of the '{head.kind}' head model "
-                              f"(UV layout {trained_on['head_digest']}, this one {uv_layout_digest(head)})",
+                              f"(UV layout {trained_on['head_digest']}, this one {digest})",
                               "use the head model files the weights were trained with, or retrain")
     K = net.config.uv_size
     if uv_size is not None and uv_size != K:

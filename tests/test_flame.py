@@ -441,13 +441,15 @@ def test_find_flame_file(tmp_path, monkeypatch, fx):
     assert registry.find_flame_file() == nested / "generic_model.pkl"
 
 
-def _weights_for_head(path, head: str | None):
-    """A tiny network checkpoint whose metadata records ``head`` (None: a file from before heads were recorded)."""
+def _weights_for_head(path, head: str | None, **record):
+    """A tiny network checkpoint whose metadata records ``head`` (None: a file from before heads were recorded) and
+    ``record`` (e.g. ``head_digest``)."""
     from pipelines.network import NetworkConfig
     from pipelines.network.model import FHAvatarNet
     from pipelines.network.weights import save_checkpoint
 
-    save_checkpoint(path, FHAvatarNet(NetworkConfig.tiny()), extra={"step": 1, **({"head": head} if head else {})})
+    save_checkpoint(path, FHAvatarNet(NetworkConfig.tiny()), extra={"step": 1, **({"head": head} if head else {}),
+                                                                    **record})
     return str(path)
 
 
@@ -499,12 +501,7 @@ def test_reconstruct_refuses_weights_trained_on_another_head(tmp_path):
     cfg = lambda w: ReconstructConfig(method="network", weights=w, uv_size=32)  # noqa: E731
     with pytest.raises(ConfigError, match="trained on the 'ict' head model, not 'embedded'"):
         with_network(cfg(_weights_for_head(tmp_path / "ict.safetensors", "ict")), "cpu", None, head)
-    other = tmp_path / "other.safetensors"
-    from pipelines.network import NetworkConfig
-    from pipelines.network.model import FHAvatarNet
-    from pipelines.network.weights import save_checkpoint
-
-    save_checkpoint(other, FHAvatarNet(NetworkConfig.tiny()), extra={"head": "embedded", "head_digest": "0" * 16})
+    other = _weights_for_head(tmp_path / "other.safetensors", "embedded", head_digest="0" * 16)
     with pytest.raises(ConfigError, match="another version of the 'embedded' head model"):
-        with_network(cfg(str(other)), "cpu", None, head)
+        with_network(cfg(other), "cpu", None, head)
     assert with_network(cfg(_weights_for_head(tmp_path / "old.safetensors", None)), "cpu", None, head)[1] is not None
