@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pipelines.avatar.binding import AvatarRig
+from pipelines.errors import ConfigError
 from pipelines.avatar.maps import template_maps
 from pipelines.core.camera import normalized_intrinsics, orbit_cameras, project_points, world_to_camera
 from pipelines.head.base import HeadParams
@@ -116,6 +117,20 @@ def test_milestones_scale_with_iterations():
     assert w(600)["3d"] == 50 and w(600)["eye"] == 5 and w(600)["shape_tv"] == 10
     assert w(1_999)["3d"] == 50 and w(2_000)["3d"] == 100
     assert w(0)["pos"] == 1 and w(0)["shape"] == 1 and w(0)["aux"] == 0.5  # always on
+
+
+def test_cosine_lr_schedule_decays_from_lr_to_the_final_ratio():
+    assert {TrainConfig().lr_at(s) for s in (0, 10_000, 37_499)} == {1e-4}  # the paper: constant
+    cfg = TrainConfig(iterations=1_001, lr=2e-4, lr_schedule="cosine", lr_final_ratio=0.1, warmup_steps=0)
+    assert cfg.lr_at(0) == pytest.approx(2e-4)
+    assert cfg.lr_at(500) == pytest.approx(2e-4 * 0.55)  # half-way: the mean of lr and the floor
+    assert cfg.lr_at(1_000) == pytest.approx(2e-5) and cfg.lr_at(5_000) == pytest.approx(2e-5)
+    rates = [cfg.lr_at(s) for s in range(1_001)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    warm = TrainConfig(iterations=1_010, lr_schedule="cosine", warmup_steps=10)
+    assert warm.lr_at(4) == pytest.approx(0.5e-4) and warm.lr_at(10) == pytest.approx(1e-4)
+    with pytest.raises(ConfigError):
+        TrainConfig(lr_schedule="step")
 
 
 def test_config_loads_yaml_with_nested_overrides(tmp_path):

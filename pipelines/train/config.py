@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ..errors import ConfigError
 from ..network.config import NetworkConfig
 
 PAPER_ITERATIONS = 37_500  # the schedule the paper's milestones refer to
+LR_SCHEDULES = ("constant", "cosine")  # TrainConfig.lr_schedule choices
 PERCEPTUAL = ("auto", "lpips", "ssim", "msssim_grad", "dlib_features")  # LossConfig.perceptual choices
 
 
@@ -89,6 +91,10 @@ class TrainConfig:
     lr: float = 1e-4
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0  # linear lr warm-up (the paper uses none)
+    # After warm-up: "constant" (the paper) or "cosine" from lr down to lr * lr_final_ratio at the last step. A
+    # fine-tuning continuation from earlier weights (a fresh optimiser) is where the decay pays.
+    lr_schedule: str = "constant"
+    lr_final_ratio: float = 0.1
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     amp: bool = True  # bf16 autocast for the network on CUDA (renderer and losses stay fp32)
     reg_start: int = 7_500  # paper milestone: L_3d, L_eye, L_shape^tv, L_id switched on
@@ -113,6 +119,10 @@ class TrainConfig:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule={self.lr_schedule!r} is unknown", f"use one of {', '.join(LR_SCHEDULES)}")
+        if not 0.0 <= self.lr_final_ratio <= 1.0:
+            raise ConfigError(f"lr_final_ratio={self.lr_final_ratio} must be in [0, 1]")
         if not 0.0 <= self.data.recon_prob <= 1.0 or not 0.0 <= self.data.flip_prob <= 1.0:
             raise ConfigError("data.recon_prob and data.flip_prob must be probabilities in [0, 1]")
         if self.loss.alpha_min <= 0:
@@ -158,9 +168,14 @@ class TrainConfig:
                         hair_grid_rows=self.uv_hair_grid[1])
 
     def lr_at(self, step: int) -> float:
+        """Learning rate at (0-based) ``step``: linear warm-up, then constant or a cosine to lr * lr_final_ratio."""
         if self.warmup_steps > 0 and step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        return self.lr
+        if self.lr_schedule == "constant":
+            return self.lr
+        span = max(self.iterations - 1 - self.warmup_steps, 1)
+        t = min(max(step - self.warmup_steps, 0) / span, 1.0)
+        return self.lr * (self.lr_final_ratio + (1.0 - self.lr_final_ratio) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
     @property
     def supervision_size(self) -> int:
