@@ -7,6 +7,7 @@ exactly. Tests with the real embedded head model and MediaPipe skip when those a
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -622,23 +623,30 @@ def test_embedded_model_fits_a_photo(embedded):
     assert np.abs(result.params["expression"]).max() < 3.0
 
 
-@pytest.mark.shared
-def test_tracked_jaw_follows_the_mouth_on_a_real_clip(embedded):
-    """On lp_d0 (the mouth opens mid-clip), the frame where MediaPipe's inner lips (13, 14) are farthest apart has a
-    more open jaw than the frame where they are closest."""
+@functools.lru_cache(maxsize=1)
+def lp_d0_landmarks() -> tuple[np.ndarray, np.ndarray]:
+    """MediaPipe landmarks (39, 478, 2) and valid (39,) of every other frame of lp_d0 (the mouth opens mid-clip),
+    in one crop for the clip (the head stays roughly in place)."""
     path = SHARED_CLIPS / "lp_d0.mp4"
     if not path.is_file():
         pytest.skip(f"{path} not available")
     decord = pytest.importorskip("decord")
     vr = decord.VideoReader(str(path))
-    frames = vr.get_batch(list(range(0, len(vr), 2))).asnumpy()  # every other frame: 39 frames
+    frames = vr.get_batch(list(range(0, len(vr), 2))).asnumpy()
     first, ok = face_mesh([frames[0]])
     assert ok[0]
-    M = face_crop_matrix(first[0])  # one crop for the clip (the head stays roughly in place)
+    M = face_crop_matrix(first[0])
     lmk, valid = face_mesh([crop(f, M) for f in frames], video=True)
     assert valid.mean() > 0.9
+    return lmk, valid
+
+
+def assert_jaw_follows_the_lips(head: HeadModel, config: TrackingConfig | None = None) -> TrackingResult:
+    """The frame of lp_d0 where MediaPipe's inner lips (13, 14) are farthest apart has a more open jaw than the
+    frame where they are closest, and the jaw opening correlates with the lip gap over the clip."""
+    lmk, valid = lp_d0_landmarks()
     K, c2w = frontal_camera()
-    result = track(embedded, lmk, valid, K, c2w)
+    result = track(head, lmk, valid, K, c2w, config=config)
     lip_gap = np.linalg.norm(lmk[:, 13] - lmk[:, 14], axis=-1)
     lip_gap[~valid] = np.nan
     jaw_open = np.degrees(result.params["jaw"][:, 0])
@@ -647,6 +655,27 @@ def test_tracked_jaw_follows_the_mouth_on_a_real_clip(embedded):
     assert jaw_open[widest] > jaw_open[closest] + 0.5, (jaw_open[widest], jaw_open[closest])
     assert np.corrcoef(lip_gap[valid], jaw_open[valid])[0, 1] > 0.5
     assert np.nanmedian(result.lmk_error_px) < 4.0
+    return result
+
+
+@pytest.mark.shared
+def test_tracked_jaw_follows_the_mouth_on_a_real_clip(embedded):
+    assert_jaw_follows_the_lips(embedded)
+
+
+@pytest.mark.shared
+def test_ict_jaw_opens_the_mouth_and_expressions_stay_blendshapes_on_a_real_clip():
+    """With expression limits, on ICT-FaceKit the mouth opening is the jaw joint's (it carries the lower teeth) and
+    the ARKit expressions stay in [0, 1]. Unbounded (the default, what the v2 weights were trained on), the fit opens
+    lp_d0's mouth with negative / > 1 shapes (-0.96 .. 1.60) and leaves the jaw at its closed limit (-2.9 deg) on
+    every frame: this assertion fails."""
+    from pipelines.head.registry import load_head_model
+
+    ict = load_head_model("ict")
+    result = assert_jaw_follows_the_lips(ict, TrackingConfig(expression_limits=True,
+                                                             jaw_init_pitches=(0.0, 0.1, 0.2, 0.3, 0.4)))
+    expr = result.params["expression"]
+    assert expr.min() >= 0.0 and expr.max() <= 1.0, (expr.min(), expr.max())
 
 
 @pytest.mark.shared

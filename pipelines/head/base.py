@@ -91,6 +91,9 @@ class HeadModel(nn.Module):
     # Cap of each triangle's metres-per-UV ratio (the relative scale map s), as a multiple of the median: a layout
     # with triangles squeezed in UV sets it so they do not get centimetre-sized Gaussians (see uv/space.py).
     max_uv_ratio_over_median: float = float("inf")
+    # Interval in which the expression coefficients mean what the basis says: one-sided blendshapes (ARKit's,
+    # ICT-FaceKit's) are in [0, 1]; a PCA basis (FLAME) is unbounded (None). The tracker keeps fits inside it.
+    expression_range: tuple[float, float] | None = None
 
     @property
     def n_shape(self) -> int:

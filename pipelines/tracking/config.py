@@ -51,6 +51,12 @@ class TrackingConfig:
     jaw_pitch_range: tuple[float, float] = (-0.05, 0.6)  # x axis: positive opens the mouth (FLAME convention)
     jaw_side_max: float = 0.1  # |y|, |z| components of the jaw rotation
     eye_max: float = 0.6  # |each component| of the eye rotations
+    # Keep expressions inside the head model's ``expression_range`` (ICT: [0, 1]). Unbounded, the ICT fit opens the
+    # mouth with out-of-range ARKit shapes and leaves the jaw joint shut, so the lower teeth never move. Off by
+    # default until weights are trained on such tracking: with the v2 weights (trained on unbounded tracking) it
+    # costs 0.5 dB self-reenactment PSNR on lp_d0 and smirk_dafoe, while the no-network path gains expression
+    # accuracy (AED 0.068 -> 0.056 on lp_d0) — weights/TRAINING.md, "v3 candidate".
+    expression_limits: bool = False
     limit_weight: float = 1.0e4
 
     # ---- temporal smoothness (video): second differences of the px-scaled parameters over consecutive frames
@@ -64,6 +70,12 @@ class TrackingConfig:
     shape_frames: int = 24  # key frames (evenly spread over the valid ones) that fit the shared shape
     shape_iters: int = 25  # LM iterations of the shape stage (shape + all parameters of the key frames)
     frame_iters: int = 12  # LM iterations per chunk of the per-frame stage (shape fixed)
+    # Jaw pitches (rad) tried per frame before the fit, expressions at 0; the one whose landmarks fit best starts
+    # Levenberg-Marquardt. Started shut, the fit explains an open mouth with lip expressions and stays in that
+    # basin (the lower teeth never move); () starts every frame shut.
+    # With expression_limits on this lowers smirk_dafoe's median landmark error from 5.62 to 5.28 px; unbounded
+    # expressions pull the jaw shut again whatever its start, so it goes with them (the default is off with them).
+    jaw_init_pitches: tuple[float, ...] = ()
     lm_damping: float = 1e-3  # initial Levenberg-Marquardt damping (relative to the curvature's diagonal)
     lm_tolerance: float = 1e-6  # stop when an iteration lowers the cost by less than this fraction
     chunk_frames: int = 200  # frames solved together in the per-frame stage (bounds memory)

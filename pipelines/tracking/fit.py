@@ -140,6 +140,9 @@ class _Problem:
                    "jaw": slice(E + 6, E + 9), "eyes": slice(E + 9, E + 15)}
         self.jaw_lo = torch.tensor([config.jaw_pitch_range[0], -config.jaw_side_max, -config.jaw_side_max])
         self.jaw_hi = torch.tensor([config.jaw_pitch_range[1], config.jaw_side_max, config.jaw_side_max])
+        # (lo, hi) of every fitted expression coefficient, or None (unbounded basis or limits off).
+        rng = rig.expression_range if config.expression_limits else None
+        self.expr_range = None if rng is None else (float(rng[0]), float(rng[1]))
         # Prior curvature per component (diagonal part) of the per-frame vector.
         d = torch.zeros(self.P)
         d[self.sl["expression"]] = config.expression_prior
@@ -202,6 +205,10 @@ class _Problem:
         over = torch.relu(self.jaw_lo - f["jaw"]) + torch.relu(f["jaw"] - self.jaw_hi)
         over_eye = torch.relu(eyes.abs() - cfg.eye_max)
         limits = (over**2).sum(-1) + (over_eye**2).sum(-1)
+        if self.expr_range is not None:
+            lo, hi = self.expr_range
+            e = f["expression"]
+            limits = limits + ((torch.relu(lo - e) + torch.relu(e - hi)) ** 2).sum(-1)
         return (rho * data.weights).sum(-1) + prior + cfg.limit_weight * limits
 
     # ------------------------------------------------------------------------------------------- linearization
@@ -269,6 +276,14 @@ class _Problem:
         idx = torch.arange(e, e + 6)
         H[:, idx, idx] += cfg.limit_weight * (over > 0).float()
         g[:, self.sl["eyes"]] += cfg.limit_weight * torch.relu(over) * ey.sign()
+        if self.expr_range is not None:
+            lo, hi = self.expr_range
+            es = self.sl["expression"]
+            ex = x[:, es]
+            viol = torch.where(ex < lo, ex - lo, torch.where(ex > hi, ex - hi, torch.zeros_like(ex)))
+            idx = torch.arange(es.start, es.stop)
+            H[:, idx, idx] += cfg.limit_weight * (viol != 0).float()
+            g[:, es] += cfg.limit_weight * viol
         return H, g
 
 
@@ -647,7 +662,7 @@ def _track(head, lmk2d, valid, K, c2w, image_size, cfg, shape_init, progress, em
         x = torch.zeros(len(frame_ids), problem.P)
         x[:, problem.sl["rotation"]] = torch.as_tensor(rot, dtype=torch.float32)
         x[:, problem.sl["translation"]] = torch.as_tensor(trans, dtype=torch.float32)
-        return x
+        return init_jaw(problem, b, x, data_all[frame_ids])
 
     # ---- 1-2: shape on key frames
     n_key = min(cfg.shape_frames, len(ids))
@@ -688,10 +703,34 @@ def _track(head, lmk2d, valid, K, c2w, image_size, cfg, shape_init, progress, em
     return result
 
 
+@torch.no_grad()
+def init_jaw(problem: _Problem, beta: torch.Tensor, x: torch.Tensor, data: _Data) -> torch.Tensor:
+    """x (N, P) with each frame's jaw pitch set to the ``jaw_init_pitches`` candidate of lowest landmark cost.
+
+    The other parameters stay as given (rigid pose, expressions 0), so an open mouth can only be explained by the
+    jaw here; the fit then starts in the basin where the jaw carries the opening.
+    """
+    pitches = [p for p in problem.cfg.jaw_init_pitches if problem.jaw_lo[0] <= p <= problem.jaw_hi[0]]
+    if len(pitches) < 2:
+        return x
+    j = problem.sl["jaw"].start
+    costs = []
+    for p in pitches:
+        xp = x.clone()
+        xp[:, j] = p
+        costs.append(problem.frame_costs(beta, xp, data))
+    best = torch.stack(costs, 0).argmin(0)  # (N,)
+    x = x.clone()
+    x[:, j] = torch.tensor(pitches, dtype=x.dtype)[best]
+    return x
+
+
 def clamp_to_limits(problem: _Problem, X: torch.Tensor) -> torch.Tensor:
-    """X (N, P) with jaw and eyes clamped into their allowed ranges (in place; returned for chaining)."""
+    """X (N, P) with jaw, eyes (and bounded expressions) clamped into their allowed ranges (in place; returned for chaining)."""
     X[:, problem.sl["jaw"]] = torch.maximum(torch.minimum(X[:, problem.sl["jaw"]], problem.jaw_hi), problem.jaw_lo)
     X[:, problem.sl["eyes"]] = X[:, problem.sl["eyes"]].clamp(-problem.cfg.eye_max, problem.cfg.eye_max)
+    if problem.expr_range is not None:
+        X[:, problem.sl["expression"]] = X[:, problem.sl["expression"]].clamp(*problem.expr_range)
     return X
 
 

@@ -128,6 +128,7 @@ class LandmarkRig(nn.Module):
                 j = self.parents[j]
         self.register_buffer("ancestor", anc)
         self.n_shape, self.n_expr, self.k = head.n_shape, head.n_expr, k
+        self.expression_range = head.expression_range  # (lo, hi) of meaningful expression coefficients, or None
 
     @property
     def num_landmarks(self) -> int:

@@ -278,6 +278,9 @@ class IctHeadModel(ArrayHeadModel):
     # tracking's error, on a model that is symmetric by construction.
     mirror_tolerance = 5e-4
     max_uv_ratio_over_median = 1.5  # nostril and eyeball-pole triangles are squeezed in ICT's own UVs
+    # ARKit blendshapes: 0 = neutral, 1 = the full expression. Unbounded, the tracker opened the mouth with negative
+    # or > 1 shapes (mouthPress -1, jawForward 2.5) and left the jaw joint shut, so the lower teeth never moved.
+    expression_range = (0.0, 1.0)
 
     def __init__(self, config: IctHeadConfig | None = None, path: str | Path | None = None,
                  with_landmarks: bool = True) -> None:
