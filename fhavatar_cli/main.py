@@ -170,6 +170,23 @@ def owned_default(command, name: str):
     return None
 
 
+TrackingFile = Annotated[Optional[Path], typer.Option(
+    "--tracking-config", help="YAML/JSON file of tracker settings (TrackingConfig fields), e.g. "
+    "configs/tracking_ict_jaw.yaml; default: the tracker's defaults.")]
+
+
+def _tracking_config(path: Path | None):
+    """The TrackingConfig of a ``--tracking-config`` file (None: the defaults)."""
+    if path is None:
+        return None
+    from pipelines.config import load_config
+    from pipelines.tracking.config import TrackingConfig
+
+    if not path.is_file():
+        raise ConfigError(f"--tracking-config {path} is not a file", "give a YAML or JSON file of TrackingConfig fields")
+    return load_config(TrackingConfig, path)
+
+
 def _config(cls, **given):
     """``cls`` built from the options the user gave (None: not given, the dataclass's default applies)."""
     return cls(**{k: v for k, v in given.items() if v is not None})
@@ -401,6 +418,7 @@ def preprocess(
                                      "colours (face-skin vertices keep one colour across frames); ~0.3 s per frame "
                                      "on a CPU core. Writes photometric.json."),
     head_model: HeadModel = "auto",
+    tracking_config: TrackingFile = None,
     *,
     common: Common,
 ) -> None:
@@ -422,6 +440,7 @@ def preprocess(
                       face_index=face_index)
         require_landmark_source(landmarks)  # an unavailable model fails here, once, not per item
         photo_cfg = PhotometricConfig() if photometric else None
+        tracking_cfg = _tracking_config(tracking_config)
         head = _load_head(head_model, "cpu")
     except FhavatarError as e:
         fail(e)
@@ -429,7 +448,8 @@ def preprocess(
     def job_for(path: Path):
         def job():
             with ui.progress(f"preprocess {path.name}", None) as advance:
-                return preprocess_item(path, out, head, cfg, progress=advance, force=common.force, overlay=overlay,
+                return preprocess_item(path, out, head, cfg, tracking_cfg, progress=advance, force=common.force,
+                                       overlay=overlay,
                                        landmarks=landmarks, photometric=photo_cfg)
         return job
 
@@ -627,6 +647,7 @@ def evaluate(
     refine_steps: Optional[str] = typer.Option(None, help=REFINE_HELP),
     merge: bool = typer.Option(False, "--merge", help="Only merge the shards' per-video results into the report."),
     head_model: HeadModel = "auto",
+    tracking_config: TrackingFile = None,
     *,
     common: Common,
 ) -> None:
@@ -640,6 +661,8 @@ def evaluate(
                                ("stride", stride)) if v is not None}
     try:
         _output_folder(out)
+        if tracking_config is not None:
+            given["tracking"] = _tracking_config(tracking_config)
         if not merge:  # the network's weights are checked once, up front (exit 3), and its K taken from them
             rc, _ = with_network(_config(ReconstructConfig, method=method, weights=weights, **recon).validate(),
                                  "cpu", uv_size)

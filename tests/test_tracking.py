@@ -732,3 +732,27 @@ def test_preprocess_overlay_draws_the_tracked_mesh_over_the_face(tmp_path):
     diff = np.abs(over - frame).sum(-1)
     assert diff[200:320, 200:320].mean() > 20  # the face is covered by the mesh layer
     assert diff[:20, :20].max() == 0 and diff[:20, -20:].max() == 0  # the crop's top corners are background
+
+
+def test_preprocess_takes_tracker_settings_from_a_file(tmp_path):
+    """`fhavatar preprocess --tracking-config`: the file's TrackingConfig tracks the item (the manifest records it;
+    ICT's expressions stay in [0, 1] under configs/tracking_ict_jaw.yaml); a missing file is a one-line usage error."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import fhavatar_cli.main as cli
+
+    repo = Path(__file__).resolve().parents[1]
+    photo, cfg = repo / "sample_inputs" / "astronaut.jpg", repo / "configs" / "tracking_ict_jaw.yaml"
+    r = CliRunner().invoke(cli.app, ["--quiet", "preprocess", str(photo), "--out", str(tmp_path), "--head-model", "ict",
+                                     "--tracking-config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    (stage,) = tmp_path.glob("*/preprocess")
+    settings = json.loads((stage / "manifest.json").read_text())["settings"]["tracking"]["tracking"]
+    assert settings["expression_limits"] is True and settings["jaw_init_pitches"] == [0.0, 0.1, 0.2, 0.3, 0.4]
+    expr = load_tracking(stage / "tracking.npz").params["expression"]
+    assert expr.min() >= 0.0 and expr.max() <= 1.0
+    bad = CliRunner().invoke(cli.app, ["preprocess", str(photo), "--out", str(tmp_path / "b"),
+                                       "--tracking-config", str(tmp_path / "missing.yaml")])
+    assert bad.exit_code == 2 and "--tracking-config" in bad.output

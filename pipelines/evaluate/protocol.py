@@ -36,9 +36,12 @@ import importlib.util
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..tracking.config import TrackingConfig
 
 from ..batch import EXIT_ITEM_FAILED, EXIT_OK, EXIT_USAGE, EXIT_WEIGHTS, ItemResult, exit_code, run_batch, run_stage
 from ..errors import ConfigError, FhavatarError, InputError, WeightsError
@@ -74,6 +77,8 @@ class EvalConfig:
     chunk: int = 16  # frames scored at once (bounds memory on long videos)
     picture_frames: int = 4  # rows of the side-by-side picture
     lock_wait_s: float = 3600.0  # how long to wait for an item another job is working on
+    # Tracker settings of the videos' preprocess (None: TrackingConfig's defaults), e.g. from --tracking-config.
+    tracking: "TrackingConfig | None" = None
 
     def validate(self) -> "EvalConfig":
         if self.protocol not in PROTOCOLS:
@@ -330,7 +335,8 @@ def _prepare(ctx: _Context, video: Path, vid: str, need_avatar: bool) -> dict[st
     def pp():
         # run_preprocess takes no lock itself: two shards sharing a video (cross-identity) must not both write it.
         with item_lock(item_dir):
-            return preprocess_item(video, ctx.out, ctx.head_cpu, ctx.cfg.preprocess_config(), force=ctx.force)
+            return preprocess_item(video, ctx.out, ctx.head_cpu, ctx.cfg.preprocess_config(), ctx.cfg.tracking,
+                                   force=ctx.force)
 
     statuses = {"preprocess": _waiting(ctx, f"{video.name} preprocess", pp)[0]}
     _say(ctx, f"{video.name}: preprocess {statuses['preprocess']}")
