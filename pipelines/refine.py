@@ -118,6 +118,50 @@ def seen_by_source(source, head: HeadModel, uv: UVSpace) -> tuple[torch.Tensor, 
     return (vis > 0.5) & (inside > 0.5), grid
 
 
+def source_view_gradients(maps: torch.Tensor, delta_p: torch.Tensor | None, source, head: HeadModel, uv: UVSpace,
+                          size: int = 256, backend: str = "auto", colour_in_matte: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """The source view's squared error E = sum_pixels ||render - photo||² (both on white, ``size`` pixels a side)
+    and its gradients with respect to the maps (1, 14, K, K) and Δp (1, 3, K, K): (g_maps, g_delta_p, E), the
+    gradients of the inputs' shapes (g_delta_p None when ``delta_p`` is).
+
+    ``seen_by_source`` asks the bare mesh; the render is what the source view actually shows (a network's offsets
+    and Δp move Gaussians of mesh-hidden texels into view and make mesh-visible ones transparent). With these
+    gradients, ``sum(g * (new - old))`` per texel is the first-order change of the source view's error when that
+    texel's attributes go from ``old`` to ``new``: it is > 0 where a change of the texel makes the source view worse,
+    0 where the render does not show the texel at all.
+
+    ``colour_in_matte``: the colour maps' gradient counts the pixels inside the matte only. Outside it the photo
+    asks for no subject at all — a matter of coverage (opacity, size, position), not of colour: a Gaussian poking out
+    of the matte would otherwise be asked to turn white.
+    """
+    from .train.forward import render_rig
+
+    from .avatar.maps import ATTRIBUTE_SLICES as _SL
+
+    target = on_white(source.image[None], source.matte[None])
+    matte = source.matte[None]
+    if target.shape[-1] != size:
+        target = F.interpolate(target, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        matte = F.interpolate(matte, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    with torch.enable_grad():
+        A = maps.detach().clone().requires_grad_(True)
+        dp = None if delta_p is None else delta_p.detach().clone().requires_grad_(True)
+        rig = AvatarRig(head, uv, A, source.params.shape, dp)
+        r = render_rig(rig, head(source.params).detach(), source.c2w[None], source.K[None], size, backend=backend)
+        err = (r.rgb - target).pow(2)
+        loss = err.sum()
+        inputs = [A] if dp is None else [A, dp]
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True, retain_graph=colour_in_matte)
+        if colour_in_matte:
+            (g_in,) = torch.autograd.grad((err * (matte > 0.5)).sum(), [A], allow_unused=True)
+    g_maps = grads[0] if grads[0] is not None else torch.zeros_like(maps)
+    if colour_in_matte:
+        g_maps[:, _SL["color"]] = 0 if g_in is None else g_in[:, _SL["color"]]
+    g_dp = None if dp is None else (grads[1] if grads[1] is not None else torch.zeros_like(delta_p))
+    return g_maps.detach(), None if g_dp is None else g_dp.detach(), float(loss.detach())
+
+
 def observation_weights(source, head: HeadModel, uv: UVSpace) -> torch.Tensor:
     """w (1, 1, K, K) in [0, 1]: 1 where the source view shows a texel, 0 where it does not, soft over 3 x 3 texels
     at the border (a texel next to an unseen one is less reliable)."""
