@@ -96,11 +96,7 @@ def test_never_seen_scalp_takes_the_visible_hair_colour(source, head, uv, comple
     # A grey shell where the photo shows nothing (today's network) gets the hair colour too.
     grey = maps.clone()
     grey[0, ATTRIBUTE_SLICES["color"]] = torch.where(seen, grey[0, ATTRIBUTE_SLICES["color"]], torch.tensor(0.5))
-    # The fill itself, without the source-view guard: on this K = 64 synthetic avatar the floors make the source view
-    # far worse than the grey prediction's, and the guard gives the crown's rim texels (they reach into the view) their
-    # grey back. The guard's own behaviour is tested on the shipped network below.
-    filled = complete_maps(grey, torch.zeros(1, 3, uv.size, uv.size), source, head, uv,
-                           CompleteConfig(enabled=True, guard_passes=0))[0]
+    filled = complete_maps(grey, torch.zeros(1, 3, uv.size, uv.size), source, head, uv, CompleteConfig(enabled=True))[0]
     np.testing.assert_allclose(filled[0, ATTRIBUTE_SLICES["color"]][:, r, c].mean(1).numpy(), HAIR, atol=0.03)
     colour = out[0, ATTRIBUTE_SLICES["color"]][:, r, c]  # (3, n)
     # Before completion the unprojection filled them with the scalp's mean over seen and mirrored texels, which

@@ -74,7 +74,7 @@ class CompleteConfig:
     # eye and teeth items). After completion the source view is re-rendered and texels whose change makes it worse
     # (first order, refine.source_view_gradients) get the prediction back; this many passes (0: no check).
     guard_passes: int = 12
-    guard_budget: float = 0.01  # source-view error the completion may add (a fraction of the prediction's)
+    guard_budget: float = 0.01  # first-order source-view error the completion may add (fraction of the prediction's)
     guard_size: int = 256  # pixels a side of those source-view renders
 
     def __str__(self) -> str:  # what `fhavatar reconstruct --help` shows as the default of --complete/--no-complete
@@ -476,65 +476,56 @@ def _guard_source_view(maps: torch.Tensor, delta_p: torch.Tensor, pred_maps: tor
     scale, opacity, position), the first-order change of the source view's squared error ``g * (completed -
     predicted)`` (g: its gradient at the completed avatar, ``refine.source_view_gradients``; the colour's from the
     pixels inside the matte only: outside it the fault is coverage, not colour), counted when positive.
-    Texels the source does not show cost nothing. While the completed avatar's actual error exceeds the
-    prediction's by more than ``guard_budget`` (a small budget rather than none: everything on the back of the head
-    shows a little through a network's translucent face), the costliest (texel, attribute) pairs whose cost covers
-    the excess are restored. Each pass exposes the layer behind what it restored, hence the passes. ``keep_position`` (K, K) bool: texels whose position
+    Texels the source does not show cost nothing. The costliest (texel, attribute) pairs are restored until
+    what is left costs at most ``guard_budget`` of the predicted avatar's error — a small budget rather than none,
+    since everything on the back of the head shows a little through a network's translucent face. Each pass exposes
+    the layer behind what it restored, hence the passes. ``keep_position`` (K, K) bool: texels whose position
     change is exempt (the hair volume's).
     """
     from ..refine import source_view_gradients
 
     valid = uv.valid.to(maps.device)
-    sl = ATTRIBUTE_SLICES
-    # What a texel may get back separately: its colour, and its coverage (rotation, scale, opacity and position
-    # together: the opacity floor was set for the pulled-back position, and an opaque Gaussian where the network had
-    # thrown a faint wisp would be a new defect). The hair volume's position (``keep_position``) stays.
-    cover = [sl["rotation"], sl["scale"], sl["opacity"], sl["offset"]]
-    allowed = None
-    restored = torch.zeros(2, dtype=torch.long)
+    # The attribute groups a texel may get back separately: its colour, rotation, scale, opacity, position
+    # (offset and Δp). A pulled-back wisp that now covers the cheek loses its position, not its colour.
+    groups = [ATTRIBUTE_SLICES[n] for n in ("color", "rotation", "scale", "opacity")]
+    budget = None
+    restored = torch.zeros(len(groups) + 1, dtype=torch.long)
     for _ in range(cfg.guard_passes):
-        changed = torch.stack([(maps[0, sl["color"]] != pred_maps[0, sl["color"]]).any(0),
-                               torch.cat([maps[0, c] != pred_maps[0, c] for c in cover]).any(0)
-                               | (delta_p[0] != pred_dp[0]).any(0)]) & valid  # (2, K, K)
+        changed = torch.stack([(maps[0, g] != pred_maps[0, g]).any(0) for g in groups] + [
+            (maps[0, ATTRIBUTE_SLICES["offset"]] != pred_maps[0, ATTRIBUTE_SLICES["offset"]]).any(0)
+            | (delta_p[0] != pred_dp[0]).any(0)]) & valid  # (5, K, K)
+        if keep_position is not None:
+            changed[-1] &= ~keep_position
         if not changed.any():
             break
-        g_maps, g_dp, err = source_view_gradients(fill_gutter(maps, valid, cfg.gutter),
-                                                  fill_gutter(delta_p, valid, cfg.gutter), source, head, uv,
-                                                  cfg.guard_size, colour_in_matte=True)
-        if allowed is None:
-            allowed = (1 + cfg.guard_budget) * source_view_gradients(pred_maps, pred_dp, source, head, uv,
-                                                                     cfg.guard_size)[2]
-        excess = err - allowed  # the actual error, not the first-order one, decides whether to go on
-        if excess <= 0:
-            break
+        if budget is None:
+            budget = cfg.guard_budget * source_view_gradients(pred_maps, pred_dp, source, head, uv, cfg.guard_size)[2]
+        g_maps, g_dp, _ = source_view_gradients(fill_gutter(maps, valid, cfg.gutter),
+                                                fill_gutter(delta_p, valid, cfg.gutter), source, head, uv,
+                                                cfg.guard_size, colour_in_matte=True)
         d = (g_maps * (maps - pred_maps))[0]
-        # Per attribute, positive parts only: one attribute's harm is not excused by another's first-order gain
-        # (the floors are large, non-linear jumps).
-        pos_term = d[sl["offset"]].sum(0) + (g_dp * (delta_p - pred_dp))[0].sum(0)
-        if keep_position is not None:
-            pos_term = torch.where(keep_position, torch.zeros_like(pos_term), pos_term)
-        cost = torch.stack([d[sl["color"]].sum(0).clamp_min(0),
-                            sum(d[c].sum(0).clamp_min(0) for c in cover[:3]) + pos_term.clamp_min(0)])
-        cost = (cost * changed).flatten()
-        if not (cost > 0).any():
+        terms = torch.stack([d[g].sum(0) for g in groups] + [
+            d[ATTRIBUTE_SLICES["offset"]].sum(0) + (g_dp * (delta_p - pred_dp))[0].sum(0)])
+        # A group's harm is not excused by another's first-order gain (the floors are large, non-linear jumps).
+        cost = (terms.clamp_min(0) * changed).flatten()
+        total = float(cost.sum())
+        if total <= budget:
             break
         order = torch.argsort(cost, descending=True)
-        # The costliest pairs whose first-order cost covers the excess; all costly ones where it falls short
-        # (opaque layers hide each other: the first order sees only the front one).
-        reach = torch.cumsum(cost[order], 0) < excess
-        n = min(int(reach.sum()) + 1, int((cost > 0).sum()))
+        left = total - torch.cumsum(cost[order], 0)  # what the rest costs once the first n are restored
+        n = int((left > budget).sum()) + 1
         back = torch.zeros_like(cost, dtype=torch.bool)
         back[order[:n]] = True
         back = back.view_as(changed)
-        maps[:, sl["color"]] = torch.where(back[0][None, None], pred_maps[:, sl["color"]], maps[:, sl["color"]])
-        for c in cover[:3]:
-            maps[:, c] = torch.where(back[1][None, None], pred_maps[:, c], maps[:, c])
-        move = back[1] if keep_position is None else back[1] & ~keep_position
-        maps[:, sl["offset"]] = torch.where(move[None, None], pred_maps[:, sl["offset"]], maps[:, sl["offset"]])
-        delta_p = torch.where(move[None, None], pred_dp, delta_p)
+        for k, g in enumerate(groups):
+            maps[:, g] = torch.where(back[k][None, None], pred_maps[:, g], maps[:, g])
+        pos = back[-1][None, None]
+        maps[:, ATTRIBUTE_SLICES["offset"]] = torch.where(pos, pred_maps[:, ATTRIBUTE_SLICES["offset"]],
+                                                          maps[:, ATTRIBUTE_SLICES["offset"]])
+        delta_p = torch.where(pos, pred_dp, delta_p)
         restored += back.flatten(1).sum(1)
         info.setdefault("guard_passes_restored", []).append(n)
-    info["guard_restored"] = dict(zip(("colour", "coverage"), restored.tolist()))
+    info["guard_restored"] = dict(zip(("color", "rotation", "scale", "opacity", "position"), restored.tolist()))
     return maps, delta_p
 
 
