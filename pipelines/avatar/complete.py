@@ -52,8 +52,10 @@ SKIN_REGIONS = ("face", "ears", "neck", "other")  # "other": the embedded head's
 class CompleteConfig:
     """How the never-seen part of an avatar is completed (``ReconstructConfig.complete``; ``--complete`` on)."""
 
-    # Off by default: on the v2 network (ICT head) it lowers the sample portrait's source-view PSNR from 19.5 to
-    # 14.8 dB (face texels under the nose take the hair colour; docs/BACK_OF_HEAD.md). Opt in with --complete.
+    # Off by default (docs/BACK_OF_HEAD.md, "ICT head"): with the source-view guard the sample portrait keeps its
+    # source view (19.42 -> 19.415 dB; 14.80 without the guard) and the back of the head gets the hair colour on all
+    # 6 measured photos (ΔE180 24.3 -> 8.9), but the guard is first-order and 2 of the 6 still lose in-matte source
+    # PSNR (d3dfr_000114 23.5 -> 20.2, d3dfr_vd025 25.2 -> 24.0). Opt in with --complete.
     enabled: bool = False
     hairline_above_eyes: float = 0.045  # metres above the eye centres where the hair cap starts on the face region
     fill_falloff: float = 0.04  # metres over which the diffused seen colours fade into the group's statistic
