@@ -71,6 +71,10 @@ class CompleteConfig:
     floor_reach: float = 0.015  # ... and no farther than this (metres) off the (inflated) surface
     grazing_cos: float = 0.2  # texels seen more edge-on than this (|n . ray|) are completed like unseen ones
     gutter: int = 3  # texels of the invalid UV border filled from the nearest valid texel
+    # Texels lower than the ears' lowest point (the neck that a network uses for collars and shoulders, but also the
+    # chin, the mouth and the back of the head down there) are not completed. Off: it keeps the source view of the
+    # ICT network avatars (docs/BACK_OF_HEAD.md) but leaves the neck and the lower back of the head as predicted.
+    keep_below_ears: bool = False
     # What the source view shows is what the render shows, not what the bare mesh shows: a network's offsets move
     # texels the mesh hides into view (on ICT: under the nose, around the mouth, the face tile's sides, the mouth,
     # eye and teeth items). After completion the source view is re-rendered and texels whose change makes it worse
@@ -371,6 +375,11 @@ def complete_maps(maps: torch.Tensor, delta_p: torch.Tensor, source, head: HeadM
     shown[tv.rows[shown_t], tv.cols[shown_t]] = True
     skin_ids = [REGIONS[n] for n in SKIN_REGIONS]
     group_t = cap_t | np.isin(region_t, skin_ids)  # the texels completion may touch
+    if cfg.keep_below_ears:
+        # Below the ears' lowest point the matte shows collars, shirts and shoulders, and a network draws them with
+        # the neck's texels (mesh-hidden ones too): completing those as skin recolours the clothes in the source view.
+        y_t = tv.to_texels(canonical.cpu().numpy()[:, 1:2])[:, 0]
+        group_t &= y_t > _ear_bottom(head, canonical)
 
     # ---- appearance: mirror, then the screened diffusion per group
     color = maps[0, sl["color"]]
