@@ -15,7 +15,9 @@ The network's attribute maps A (1, 14, K, K) are corrected by Adam on the source
   facing, inside the matte; softened over 3 x 3 texels) weights a proximity term ||δ||² to the prediction, strong
   where unseen (``proximity``) and weak where seen (``proximity_seen``, against overfitting); an unseen texel whose
   mirror texel (u -> 1 - u) is seen takes its mirror's correction (``mirror``) for the attributes a left/right
-  mirror leaves unchanged (colour, opacity, scale);
+  mirror leaves unchanged (colour, opacity, scale). Texels with no visibility at all get no correction of their
+  own (``hold_unseen``): the photo's gradient reaches them wherever their Gaussians still draw in the source view,
+  and Adam's normalised steps would move them regardless of how small it is;
 * **a learning-rate schedule**: a linear warm-up, then cosine decay to ``final_lr`` of each step size.
 
 Δp (the UV shape offsets) is not tuned separately: the binding adds it to the offset channel of A before anything
@@ -67,6 +69,9 @@ class RefineConfig:
     proximity: float = 1.0  # ||δ||² weight where the source does not see a texel
     proximity_seen: float = 0.01  # ... and where it does
     mirror: float = 4.0  # pull of an unseen texel's δ towards its seen mirror's
+    # Texels the source does not see (observation weight 0: not seen, nor next to a seen one) get no correction of
+    # their own, only their mirror's (colour, opacity, scale); False leaves them to the proximity term alone.
+    hold_unseen: bool = True
     render_size: int = 0  # pixels a side of the fitted renders; 0 = the source image's size
     log_every: int = 10  # steps between the loss/PSNR readings (each one waits for the device)
 
@@ -118,6 +123,50 @@ def seen_by_source(source, head: HeadModel, uv: UVSpace) -> tuple[torch.Tensor, 
     return (vis > 0.5) & (inside > 0.5), grid
 
 
+def source_view_gradients(maps: torch.Tensor, delta_p: torch.Tensor | None, source, head: HeadModel, uv: UVSpace,
+                          size: int = 256, backend: str = "auto", colour_in_matte: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """The source view's squared error E = sum_pixels ||render - photo||² (both on white, ``size`` pixels a side)
+    and its gradients with respect to the maps (1, 14, K, K) and Δp (1, 3, K, K): (g_maps, g_delta_p, E), the
+    gradients of the inputs' shapes (g_delta_p None when ``delta_p`` is).
+
+    ``seen_by_source`` asks the bare mesh; the render is what the source view actually shows (a network's offsets
+    and Δp move Gaussians of mesh-hidden texels into view and make mesh-visible ones transparent). With these
+    gradients, ``sum(g * (new - old))`` per texel is the first-order change of the source view's error when that
+    texel's attributes go from ``old`` to ``new``: it is > 0 where a change of the texel makes the source view worse,
+    0 where the render does not show the texel at all.
+
+    ``colour_in_matte``: the colour maps' gradient counts the pixels inside the matte only. Outside it the photo
+    asks for no subject at all — a matter of coverage (opacity, size, position), not of colour: a Gaussian poking out
+    of the matte would otherwise be asked to turn white.
+    """
+    from .train.forward import render_rig
+
+    from .avatar.maps import ATTRIBUTE_SLICES as _SL
+
+    target = on_white(source.image[None], source.matte[None])
+    matte = source.matte[None]
+    if target.shape[-1] != size:
+        target = F.interpolate(target, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        matte = F.interpolate(matte, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    with torch.enable_grad():
+        A = maps.detach().clone().requires_grad_(True)
+        dp = None if delta_p is None else delta_p.detach().clone().requires_grad_(True)
+        rig = AvatarRig(head, uv, A, source.params.shape, dp)
+        r = render_rig(rig, head(source.params).detach(), source.c2w[None], source.K[None], size, backend=backend)
+        err = (r.rgb - target).pow(2)
+        loss = err.sum()
+        inputs = [A] if dp is None else [A, dp]
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True, retain_graph=colour_in_matte)
+        if colour_in_matte:
+            (g_in,) = torch.autograd.grad((err * (matte > 0.5)).sum(), [A], allow_unused=True)
+    g_maps = grads[0] if grads[0] is not None else torch.zeros_like(maps)
+    if colour_in_matte:
+        g_maps[:, _SL["color"]] = 0 if g_in is None else g_in[:, _SL["color"]]
+    g_dp = None if dp is None else (grads[1] if grads[1] is not None else torch.zeros_like(delta_p))
+    return g_maps.detach(), None if g_dp is None else g_dp.detach(), float(loss.detach())
+
+
 def observation_weights(source, head: HeadModel, uv: UVSpace) -> torch.Tensor:
     """w (1, 1, K, K) in [0, 1]: 1 where the source view shows a texel, 0 where it does not, soft over 3 x 3 texels
     at the border (a texel next to an unseen one is less reliable)."""
@@ -155,15 +204,32 @@ def _pyramid(channels: int, K: int, levels: int, device) -> list[torch.Tensor]:
     return [torch.zeros(1, channels, s, s, device=device, requires_grad=True) for s in sizes]
 
 
-def _collapse(levels: list[torch.Tensor], seen: torch.Tensor) -> torch.Tensor:
-    """The correction (1, C, K, K): the per-texel level plus the upsampled coarse levels where the source sees
-    (``seen`` (1, 1, K, K) in [0, 1]). Ungated, a coarse texel would spread what the photo says about the face onto
-    the unseen texels around it faster than their own proximity term can pull them back."""
+def _collapse(levels: list[torch.Tensor], seen: torch.Tensor, uv: UVSpace, mirrored: bool, hold: bool = True
+              ) -> torch.Tensor:
+    """The correction (1, C, K, K) of one attribute, held by what the source sees (``seen`` (1, 1, K, K) in [0, 1]):
+    ``seen * (per-texel level + the upsampled coarse levels)``, plus, for the attributes a mirror leaves unchanged,
+    ``(1 - seen) * flip(seen * that)``: a texel seen less than its mirror takes the mirror's correction.
+
+    ``hold`` False: the per-texel level is free everywhere (only the proximity term keeps unseen texels).
+
+    The visibility holds the correction by construction, not only through the proximity term: the photo's gradient
+    reaches texels the source does not see wherever their Gaussians still draw in the source view (on the ICT
+    head's network avatars: large translucent Gaussians behind the face and at the silhouette, texels the network's
+    offsets bring into view), and Adam moves every parameter by about its step size however small its gradient, so a
+    quadratic pull back to the prediction only bounds those moves loosely (issue 19: hidden texels changed by 0.145 of
+    the seen ones' change). An ungated coarse texel would also spread what the photo says about the face onto the
+    unseen texels around it."""
     K = levels[0].shape[-1]
-    if len(levels) == 1:
-        return levels[0]
-    coarse = sum(F.interpolate(p, size=(K, K), mode="bilinear", align_corners=False) for p in levels[1:])
-    return levels[0] + seen * coarse
+    d = levels[0]
+    if len(levels) > 1:
+        d = d + sum(F.interpolate(p, size=(K, K), mode="bilinear", align_corners=False) for p in levels[1:])
+    if not hold:  # the correction as it was: per-texel level free, coarse levels gated
+        return levels[0] + seen * (d - levels[0])
+    free = (seen > 0).to(d)  # seen, or next to a seen texel (``seen`` is softened over 3 x 3)
+    held = free * d
+    if mirrored:
+        held = held + (1 - free) * uv.flip(held)
+    return held
 
 
 # --------------------------------------------------------------------------------------------------------- losses
@@ -244,7 +310,7 @@ def refine_maps(maps: torch.Tensor, delta_p: torch.Tensor | None, source, head: 
             parts, deltas = [], {}
             for name, sl in ATTRIBUTE_SLICES.items():
                 if name in pyramids:
-                    deltas[name] = _collapse(pyramids[name], w) * valid
+                    deltas[name] = _collapse(pyramids[name], w, uv, name in MIRRORED, cfg.hold_unseen) * valid
                     parts.append(_activated(base[name] + deltas[name], name))
                 else:
                     parts.append(maps[:, sl])
