@@ -398,3 +398,16 @@ def test_a_job_waits_for_an_item_another_job_holds(tmp_path, monkeypatch):
     assert time.time() - t0 >= 0.15
     t.join()
     assert msgs == ["v.mp4 avatar: another job is working on it, waiting"] * 2
+
+
+def test_tracker_settings_reach_the_preprocess_of_every_video(videos, no_lpips, tmp_path):
+    """EvalConfig.tracking (`evaluate --tracking-config`) tracks the videos with those settings: the preprocess
+    manifest records them (and another setting is another preprocess, not the default one reused)."""
+    from pipelines.tracking.config import TrackingConfig
+
+    cfg = TrackingConfig(expression_limits=True, jaw_init_pitches=(0.0, 0.2))
+    text, code, items = _run(videos[:2], tmp_path / "out", tracking=cfg)
+    assert code == 0, text
+    manifest = json.loads((tmp_path / "out" / item_id(videos[0]) / "preprocess" / "manifest.json").read_text())
+    recorded = manifest["settings"]["tracking"]["tracking"]
+    assert recorded["expression_limits"] is True and recorded["jaw_init_pitches"] == [0.0, 0.2]
