@@ -142,13 +142,7 @@ def source_view_gradients(maps: torch.Tensor, delta_p: torch.Tensor | None, sour
     """
     from .train.forward import render_rig
 
-    from .avatar.maps import ATTRIBUTE_SLICES as _SL
-
-    target = on_white(source.image[None], source.matte[None])
-    matte = source.matte[None]
-    if target.shape[-1] != size:
-        target = F.interpolate(target, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        matte = F.interpolate(matte, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    target, matte = source_target(source, size)
     with torch.enable_grad():
         A = maps.detach().clone().requires_grad_(True)
         dp = None if delta_p is None else delta_p.detach().clone().requires_grad_(True)
@@ -162,7 +156,7 @@ def source_view_gradients(maps: torch.Tensor, delta_p: torch.Tensor | None, sour
             (g_in,) = torch.autograd.grad((err * (matte > 0.5)).sum(), [A], allow_unused=True)
     g_maps = grads[0] if grads[0] is not None else torch.zeros_like(maps)
     if colour_in_matte:
-        g_maps[:, _SL["color"]] = 0 if g_in is None else g_in[:, _SL["color"]]
+        g_maps[:, ATTRIBUTE_SLICES["color"]] = 0 if g_in is None else g_in[:, ATTRIBUTE_SLICES["color"]]
     g_dp = None if dp is None else (grads[1] if grads[1] is not None else torch.zeros_like(delta_p))
     return g_maps.detach(), None if g_dp is None else g_dp.detach(), float(loss.detach())
 
@@ -233,6 +227,17 @@ def _collapse(levels: list[torch.Tensor], seen: torch.Tensor, uv: UVSpace, mirro
 
 
 # --------------------------------------------------------------------------------------------------------- losses
+def source_target(source, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source photo on white (1, 3, size, size) and its matte (1, 1, size, size): what a source-view render at
+    ``size`` pixels a side is compared with (resized with antialiasing when the photo has another size)."""
+    target = on_white(source.image[None], source.matte[None])
+    matte = source.matte[None]
+    if target.shape[-1] != size:
+        target = F.interpolate(target, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        matte = F.interpolate(matte, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return target, matte
+
+
 def on_white(image: torch.Tensor, matte: torch.Tensor) -> torch.Tensor:
     """image (B, 3, H, W) composited on some background with matte (B, 1, H, W) -> the same on white.
 
@@ -287,11 +292,7 @@ def refine_maps(maps: torch.Tensor, delta_p: torch.Tensor | None, source, head: 
     maps = maps.detach()
     K = maps.shape[-1]
     size = cfg.render_size or source.image.shape[-1]
-    target = on_white(source.image[None], source.matte[None])
-    matte = source.matte[None]
-    if target.shape[-1] != size:
-        target = F.interpolate(target, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        matte = F.interpolate(matte, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    target, matte = source_target(source, size)
     valid = uv.valid[None, None].to(maps)
     shape = source.params.shape
     c2w, Kn = source.c2w[None], source.K[None]

@@ -498,7 +498,8 @@ def _guard_source_view(maps: torch.Tensor, delta_p: torch.Tensor, pred_maps: tor
     valid = uv.valid.to(maps.device)
     # The attribute groups a texel may get back separately: its colour, rotation, scale, opacity, position
     # (offset and Δp). A pulled-back wisp that now covers the cheek loses its position, not its colour.
-    groups = [ATTRIBUTE_SLICES[n] for n in ("color", "rotation", "scale", "opacity")]
+    names = ("color", "rotation", "scale", "opacity")
+    groups = [ATTRIBUTE_SLICES[n] for n in names]
     budget = None
     restored = torch.zeros(len(groups) + 1, dtype=torch.long)
     for _ in range(cfg.guard_passes):
@@ -536,7 +537,7 @@ def _guard_source_view(maps: torch.Tensor, delta_p: torch.Tensor, pred_maps: tor
         delta_p = torch.where(pos, pred_dp, delta_p)
         restored += back.flatten(1).sum(1)
         info.setdefault("guard_passes_restored", []).append(n)
-    info["guard_restored"] = dict(zip(("color", "rotation", "scale", "opacity", "position"), restored.tolist()))
+    info["guard_restored"] = dict(zip((*names, "position"), restored.tolist()))
     return maps, delta_p
 
 

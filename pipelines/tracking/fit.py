@@ -202,14 +202,17 @@ class _Problem:
         f = self.split(x)
         eyes = f["eyes"]
         prior = (x * x * self.prior_diag).sum(-1) + cfg.eye_symmetry * ((eyes[:, :3] - eyes[:, 3:]) ** 2).sum(-1)
-        over = torch.relu(self.jaw_lo - f["jaw"]) + torch.relu(f["jaw"] - self.jaw_hi)
-        over_eye = torch.relu(eyes.abs() - cfg.eye_max)
-        limits = (over**2).sum(-1) + (over_eye**2).sum(-1)
-        if self.expr_range is not None:
-            lo, hi = self.expr_range
-            e = f["expression"]
-            limits = limits + ((torch.relu(lo - e) + torch.relu(e - hi)) ** 2).sum(-1)
+        limits = sum((_overshoot(x[:, sl], lo, hi) ** 2).sum(-1) for sl, lo, hi in self.limit_boxes())
         return (rho * data.weights).sum(-1) + prior + cfg.limit_weight * limits
+
+    def limit_boxes(self) -> list[tuple[slice, torch.Tensor | float, torch.Tensor | float]]:
+        """(slice of x, low, high) of every range-limited block: the jaw, the eyes and, for a head model with an
+        ``expression_range`` (when ``expression_limits`` is on), the expressions."""
+        m = self.cfg.eye_max
+        boxes = [(self.sl["jaw"], self.jaw_lo, self.jaw_hi), (self.sl["eyes"], -m, m)]
+        if self.expr_range is not None:
+            boxes.append((self.sl["expression"], *self.expr_range))
+        return boxes
 
     # ------------------------------------------------------------------------------------------- linearization
     def linearize(self, beta: torch.Tensor, x: torch.Tensor, data: _Data, with_shape: bool):
@@ -263,27 +266,11 @@ class _Problem:
         g[:, e:e + 3] += cfg.eye_symmetry * diff
         g[:, e + 3:e + 6] -= cfg.eye_symmetry * diff
         # Range limits: quadratic outside the allowed interval.
-        j = self.sl["jaw"]
-        jaw = x[:, j]
-        lo_v, hi_v = jaw - self.jaw_lo, jaw - self.jaw_hi
-        act = (lo_v < 0) | (hi_v > 0)
-        viol = torch.where(lo_v < 0, lo_v, torch.where(hi_v > 0, hi_v, torch.zeros_like(jaw)))
-        idx = torch.arange(j.start, j.stop)
-        H[:, idx, idx] += cfg.limit_weight * act.float()
-        g[:, j] += cfg.limit_weight * viol
-        ey = x[:, self.sl["eyes"]]
-        over = ey.abs() - cfg.eye_max
-        idx = torch.arange(e, e + 6)
-        H[:, idx, idx] += cfg.limit_weight * (over > 0).float()
-        g[:, self.sl["eyes"]] += cfg.limit_weight * torch.relu(over) * ey.sign()
-        if self.expr_range is not None:
-            lo, hi = self.expr_range
-            es = self.sl["expression"]
-            ex = x[:, es]
-            viol = torch.where(ex < lo, ex - lo, torch.where(ex > hi, ex - hi, torch.zeros_like(ex)))
-            idx = torch.arange(es.start, es.stop)
+        for sl, lo, hi in self.limit_boxes():
+            viol = _overshoot(x[:, sl], lo, hi)
+            idx = torch.arange(sl.start, sl.stop)
             H[:, idx, idx] += cfg.limit_weight * (viol != 0).float()
-            g[:, es] += cfg.limit_weight * viol
+            g[:, sl] += cfg.limit_weight * viol
         return H, g
 
 
@@ -726,12 +713,16 @@ def init_jaw(problem: _Problem, beta: torch.Tensor, x: torch.Tensor, data: _Data
 
 
 def clamp_to_limits(problem: _Problem, X: torch.Tensor) -> torch.Tensor:
-    """X (N, P) with jaw, eyes (and bounded expressions) clamped into their allowed ranges (in place; returned for chaining)."""
-    X[:, problem.sl["jaw"]] = torch.maximum(torch.minimum(X[:, problem.sl["jaw"]], problem.jaw_hi), problem.jaw_lo)
-    X[:, problem.sl["eyes"]] = X[:, problem.sl["eyes"]].clamp(-problem.cfg.eye_max, problem.cfg.eye_max)
-    if problem.expr_range is not None:
-        X[:, problem.sl["expression"]] = X[:, problem.sl["expression"]].clamp(*problem.expr_range)
+    """X (N, P) with every range-limited block (``_Problem.limit_boxes``) clamped into its range (in place; returned
+    for chaining)."""
+    for sl, lo, hi in problem.limit_boxes():
+        X[:, sl] = torch.clamp(X[:, sl], min=lo, max=hi)
     return X
+
+
+def _overshoot(v: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float) -> torch.Tensor:
+    """(..., n) signed distance of ``v`` past [lo, hi]: v - hi above, v - lo below, 0 inside."""
+    return torch.where(v < lo, v - lo, torch.where(v > hi, v - hi, torch.zeros_like(v)))
 
 
 def frame_errors(problem: _Problem, beta: torch.Tensor, X: torch.Tensor, data: _Data, present: np.ndarray,
