@@ -197,6 +197,36 @@ def test_neck_rotation_bends_the_head_not_the_chest(head):
     assert d[head.landmarks68[30].item()] > 0.02  # nose tip moves centimetres
 
 
+def test_neck_share_keeps_the_face_in_place_and_the_chest_still():
+    """A head turn shared with the neck (``neck_share``) moves every face vertex exactly where the rigid turn put it,
+    while the chest stays put instead of swinging round with the face."""
+    rigid, shared = IctHeadModel(), IctHeadModel()
+    rigid.neck_share, shared.neck_share = 0.0, 1.0
+    p = rigid.zero_params(3)
+    p.rotation = torch.tensor([[0.0, 0.7, 0.0], [0.4, 0.0, 0.0], [0.2, -0.5, 0.2]])  # yaw, nod, mixed with a tilt
+    p.jaw[:, 0] = 0.2
+    # A person turning the head about the neck, as a rigid tracker sees it: the turn about the root joint plus the
+    # translation that puts the face back, t = -(R - I)(J_neck - J_root).
+    J = rigid.J_regressor @ rigid.shaped(p.shape, p.expression)[0]
+    R = axis_angle_to_matrix(p.rotation)
+    p.translation = -((R - torch.eye(3)) @ (J[1] - J[0]))
+    a, b = rigid(p), shared(p)
+    face = torch.as_tensor(rigid.landmarks68)
+    assert (a[:, face] - b[:, face]).norm(dim=-1).max() < 1e-6
+    still = rigid.zero_params(3)
+    still.jaw = p.jaw  # (the jaw's corrective shape reaches the throat)
+    rest = rigid(still)
+    chest = rigid.lbs_weights[:, 0] > 0.999
+    swing_rigid = (a - rest)[:, chest].norm(dim=-1).mean(1)
+    swing_shared = (b - rest)[:, chest].norm(dim=-1).max(1).values
+    assert (swing_rigid > 0.01).all()  # centimetres: the chest turns with a rigid head
+    assert (swing_shared < 1e-5).all()  # still
+    # The avatar's fast posing path shares the turn the same way.
+    uv = build_uv_space(shared, UVConfig(size=32))
+    rig = AvatarRig(shared, uv, template_maps(uv), torch.zeros(shared.n_shape))
+    torch.testing.assert_close(rig.posed_vertices(p), b, atol=1e-6, rtol=0)
+
+
 def test_expression_pairs_mirror_each_other(head):
     left = (_posed(head, mouthSmile_L=1.0) - _posed(head)).numpy()
     right = (_posed(head, mouthSmile_R=1.0) - _posed(head)).numpy()

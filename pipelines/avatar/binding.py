@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..head.base import HeadModel, HeadParams
-from ..head.lbs import axis_angle_to_matrix, blend_shapes
+from ..head.lbs import blend_shapes, joint_rotations
 from ..uv.space import UVSpace
 from .maps import ATTRIBUTE_SLICES
 
@@ -236,14 +236,14 @@ class AvatarRig:
         V = self.head.v_template.shape[0]
         v = torch.addmm(idt["v"], params.expression, idt["exprdirs"]).view(B, V, 3)
         joints = torch.addmm(idt["J"], params.expression, idt["J_exprdirs"]).view(B, -1, 3)
-        rot = axis_angle_to_matrix(params.full_pose())  # (B, J, 3, 3)
+        rot, translation = joint_rotations(params.full_pose(), joints, params.translation, self.head.neck_share)
         if idt["posedirs"] is not None:
             eye = torch.eye(3, dtype=rot.dtype, device=rot.device)
             v = v + ((rot[:, 1:] - eye).reshape(B, -1) @ idt["posedirs"]).view(B, V, 3)
         A = forward_kinematics(rot, joints, idt["parents"])  # (B, J, 3, 4)
         T = torch.einsum("vj,bjk->bvk", self.head.lbs_weights, A.flatten(2)).view(B, V, 3, 4)
         verts = (T[..., :3] * v[:, :, None, :]).sum(-1) + T[..., 3]
-        return verts + params.translation[:, None, :]
+        return verts + translation[:, None, :]
 
     def pose_params(self, params: HeadParams) -> Gaussians:
         """Gaussians for tracked parameters (B frames); the avatar's own shape replaces ``params.shape``."""

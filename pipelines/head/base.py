@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from .lbs import blend_shapes, lbs
+from .lbs import blend_shapes, joint_rotations, lbs
 
 JOINT_NAMES = ("root", "neck", "jaw", "eye_left", "eye_right")
 PARENTS = (-1, 0, 1, 1, 1)
@@ -94,6 +94,10 @@ class HeadModel(nn.Module):
     # Interval in which the expression coefficients mean what the basis says: one-sided blendshapes (ARKit's,
     # ICT-FaceKit's) are in [0, 1]; a PCA basis (FLAME) is unbounded (None). The tracker keeps fits inside it.
     expression_range: tuple[float, float] | None = None
+    # Fraction of the tracked head turn (``HeadParams.rotation``, the root's) that the neck joint carries when posing
+    # (``lbs.joint_rotations``): 0 turns the whole model rigidly, chest included; a model with shoulders keeps them
+    # still by sharing the turn with the neck. Face vertices land in the same place either way.
+    neck_share: float = 0.0
 
     @property
     def n_shape(self) -> int:
@@ -122,8 +126,9 @@ class HeadModel(nn.Module):
         # built on it assume this), i.e. J(beta, psi) rather than the paper's shorthand J(beta).
         joints = torch.einsum("jv,bvd->bjd", self.J_regressor, v_shaped)
         posedirs = self.posedirs if self.posedirs.numel() else None
-        verts, _ = lbs(v_shaped, params.full_pose(), joints, self.parents, self.lbs_weights, posedirs)
-        return verts + params.translation[:, None, :]
+        rot, translation = joint_rotations(params.full_pose(), joints, params.translation, self.neck_share)
+        verts, _ = lbs(v_shaped, rot, joints, self.parents, self.lbs_weights, posedirs)
+        return verts + translation[:, None, :]
 
     def canonical(self, shape: torch.Tensor | None = None) -> torch.Tensor:
         """(B, V, 3) neutral-expression, zero-pose vertices for ``shape`` (B, S) (default: the template)."""

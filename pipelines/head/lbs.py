@@ -33,6 +33,34 @@ def matrix_to_axis_angle(R: torch.Tensor) -> torch.Tensor:
     return axis
 
 
+def joint_rotations(pose: torch.Tensor, joints: torch.Tensor, translation: torch.Tensor, neck_share: float = 0.0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local joint rotations (B, J, 3, 3) and the global translation (B, 3) of a pose, the head turn shared with the neck.
+
+    Trackers give the whole head turn to the root (``pose[:, 0]``): the chest turns with the face. Real shoulders
+    stay while the head turns, so with ``neck_share`` = s the root keeps (1 - s) of its axis-angle and the neck joint
+    (joint 1, the root's child) takes the rest, ``R_neck' = R(s * root) R_neck``; the translation is corrected by
+    ``(R_root - R_root') (J_neck - J_root)`` so that every vertex skinned to the neck and its children (the face, its
+    landmarks) lands exactly where the rigid turn put it. Only the neck's blend into the chest moves.
+
+    Args:
+        pose: (B, J, 3) axis-angle per joint (root first, neck second).
+        joints: (B, J, 3) rest joint locations.
+        translation: (B, 3) global translation.
+        neck_share: fraction of the root's turn carried by the neck, in [0, 1]; 0 leaves the pose as it is.
+    """
+    if neck_share == 0.0:
+        return axis_angle_to_matrix(pose), translation
+    root = pose[:, 0]
+    rot = axis_angle_to_matrix(torch.cat([((1.0 - neck_share) * root)[:, None], pose[:, 1:],
+                                          (neck_share * root)[:, None]], 1))  # (B, J + 1, 3, 3)
+    R_root_rigid = axis_angle_to_matrix(root)
+    neck = rot[:, -1] @ rot[:, 1]
+    rot = torch.cat([rot[:, :1], neck[:, None], rot[:, 2:-1]], 1)
+    lever = (joints[:, 1] - joints[:, 0])[..., None]  # (B, 3, 1)
+    return rot, translation + ((R_root_rigid - rot[:, 0]) @ lever)[..., 0]
+
+
 def blend_shapes(coeffs: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
     """coeffs (B, C) x dirs (V, 3, C) -> offsets (B, V, 3)."""
     return torch.einsum("bc,vdc->bvd", coeffs, dirs)
@@ -79,7 +107,7 @@ def lbs(
 
     Args:
         v_shaped: (B, V, 3) template + shape + expression offsets.
-        pose: (B, J, 3) axis-angle per joint (root first).
+        pose: (B, J, 3) axis-angle per joint (root first), or (B, J, 3, 3) local rotation matrices.
         joints: (B, J, 3) rest joints J(beta).
         parents: (J,) kinematic tree.
         weights: (V, J) skinning weights.
@@ -88,7 +116,7 @@ def lbs(
         vertices (B, V, 3), posed joints (B, J, 3).
     """
     B, V, _ = v_shaped.shape
-    rot = axis_angle_to_matrix(pose)  # (B, J, 3, 3)
+    rot = pose if pose.dim() == 4 else axis_angle_to_matrix(pose)  # (B, J, 3, 3)
     v_posed = v_shaped
     if posedirs is not None:
         eye = torch.eye(3, dtype=rot.dtype, device=rot.device)

@@ -281,6 +281,9 @@ class IctHeadModel(ArrayHeadModel):
     # ARKit blendshapes: 0 = neutral, 1 = the full expression. Unbounded, the tracker opened the mouth with negative
     # or > 1 shapes (mouthPress -1, jawForward 2.5) and left the jaw joint shut, so the lower teeth never moved.
     expression_range = (0.0, 1.0)
+    # The model has shoulders: a tracked head turn is carried by the neck, so the chest stays still as in real
+    # footage (the face lands in the same place either way; lbs.joint_rotations).
+    neck_share = 1.0
 
     def __init__(self, config: IctHeadConfig | None = None, path: str | Path | None = None,
                  with_landmarks: bool = True) -> None:
