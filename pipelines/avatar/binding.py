@@ -241,7 +241,8 @@ class AvatarRig:
             eye = torch.eye(3, dtype=rot.dtype, device=rot.device)
             v = v + ((rot[:, 1:] - eye).reshape(B, -1) @ idt["posedirs"]).view(B, V, 3)
         A = forward_kinematics(rot, joints, idt["parents"])  # (B, J, 3, 4)
-        T = torch.einsum("vj,bjk->bvk", self.head.lbs_weights, A.flatten(2)).view(B, V, 3, 4)
+        # One (V, J) x (J, B*12) product for every frame's skinning transforms (an einsum ran it as B gemv calls).
+        T = (self.head.lbs_weights @ A.flatten(2).transpose(0, 1).flatten(1)).view(V, B, 3, 4).transpose(0, 1)
         verts = (T[..., :3] * v[:, :, None, :]).sum(-1) + T[..., 3]
         return verts + translation[:, None, :]
 
@@ -263,15 +264,19 @@ class AvatarRig:
         ``colors`` (B or 1, G, C) replaces the colours (e.g. positions for the 3D TV loss).
         """
         B = verts.shape[0]
-        R, size = triangle_frames(verts, self.head.faces)  # (B, F, 3, 3), (B, F)
-        # Everything a Gaussian needs from its triangle, gathered in one pass: frame (9), quaternion (4), size (1).
-        per_face = torch.cat([R.flatten(-2), matrix_to_quat(R), size[..., None]], -1)  # (B, F, 14)
-        tri = per_face[:, self._face]  # (B, G, 14)
+        faces = self.head.faces
+        R, size = triangle_frames(verts, faces)  # (B, F, 3, 3), (B, F)
+        # Everything a Gaussian needs from its triangle, gathered in one pass: frame (9), quaternion (4), size (1),
+        # corner positions (9).
+        per_face = torch.cat([R.flatten(-2), matrix_to_quat(R), size[..., None], verts[:, faces].flatten(-2)], -1)
+        tri = per_face[:, self._face]  # (B, G, 23)
+        # 3x3 and 4x4 products per Gaussian as multiply-and-sum, not batched matmuls: cuBLAS runs (B*G)-batched
+        # tiny products as gemv kernels that took most of the pose step on the GPU (bench/profile_pose.py).
         Rg = tri[..., :9].unflatten(-1, (3, 3))
         k = tri[..., 13] / self._size_can  # (B, G) triangle growth
-        surface = (verts[:, self._corners] * self._bary[..., None]).sum(-2)
-        means = surface + k[..., None] * (Rg @ self.offset_local[..., None])[..., 0]
-        quats = torch.einsum("...gij,...gj->...gi", self._quat_right, tri[..., 9:13])  # q_face (x) quat_local
+        surface = (tri[..., 14:].unflatten(-1, (3, 3)) * self._bary[..., None]).sum(-2)
+        means = surface + k[..., None] * (Rg * self.offset_local[..., None, :]).sum(-1)
+        quats = (self._quat_right * tri[..., None, 9:13]).sum(-1)  # q_face (x) quat_local
         scales = self.scale_base * k[..., None]
         color = self.color if colors is None else colors
         return Gaussians(means, quats, scales, self.opacity.expand(B, -1), color.expand(B, -1, -1))
