@@ -88,8 +88,8 @@ from pipelines.render import GsplatOptions, render_gaussians  # noqa: E402
 from pipelines.uv.space import UVConfig, load_or_build_uv_space  # noqa: E402
 
 # Checks: new pose step vs baseline (float32 rounding of the same maths, amplified on ~1 mm triangles for the
-# frames), graph vs eager (same kernels: bitwise equal expected), frames of the new vs baseline loop (uint8).
-# The product loop vs eager posing: the same kernels (graph replay is bitwise eager), so uint8 frames agree to 1 level.
+# frames), graph vs eager (the same relative bounds: cuBLAS picks other kernels under capture, so not bitwise), frames
+# of the new vs baseline loop (uint8). The product loop vs eager posing: uint8 frames agree to 1 level.
 # Pruning: the pruned avatar's PSNR against the ground truth within 0.1 dB of the whole one's (the bound).
 TOL = {"means_rel": 1e-5, "scales_rel": 1e-5, "quats_rel": 1e-4, "frame_mean_abs": 0.05,
        "frame_max_abs": 8, "loop_max_abs": 1, "prune_psnr_drop_db": 0.1}

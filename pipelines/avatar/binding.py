@@ -183,7 +183,6 @@ class AvatarRig:
         R_can, size_can = triangle_frames(canonical, faces)
         self._face = uv.sample_face
         self._bary = uv.sample_bary
-        self._corners = faces[self._face]  # (G, 3) vertex ids of each Gaussian's triangle
         self._size_can = size_can[:, self._face]  # (B, G)
         attrs = uv.sample_maps(maps)  # (B, G, 14)
         R = R_can[:, self._face]  # (B, G, 3, 3)
