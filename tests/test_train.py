@@ -7,6 +7,7 @@ artifact layout and trained on for a few steps.
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -427,3 +428,19 @@ def test_silhouette_overlap_measures_a_head_rendered_too_small():
     assert coverage[0] == pytest.approx(0.25, abs=0.02) and iou[0] == pytest.approx(0.25, abs=0.02)
     coverage, iou = silhouette_overlap(matte, matte)
     assert coverage[0] == 1.0 and iou[0] == 1.0
+
+
+def test_best_weights_follow_the_highest_mean_validation_psnr_across_calls(tmp_path):
+    from pipelines.train.loop import _keep_best
+
+    saved: list[int] = []
+
+    def saver(step):
+        return lambda path: (path.write_bytes(b"w%d" % step), saved.append(step))
+
+    assert _keep_best(tmp_path, 400, {"a": {"psnr": 20.0}, "b": {"psnr": 22.0}}, saver(400))
+    assert not _keep_best(tmp_path, 800, {"a": {"psnr": 21.0}, "b": {"psnr": 20.0}}, saver(800))  # mean 20.5 < 21
+    assert _keep_best(tmp_path, 1200, {"a": {"psnr": 21.5}, "b": {"psnr": 21.0}}, saver(1200))  # 21.25 > 21
+    record = json.loads((tmp_path / "best.json").read_text())
+    assert saved == [400, 1200] and record["step"] == 1200 and abs(record["mean_psnr"] - 21.25) < 1e-9
+    assert (tmp_path / "best.safetensors").read_bytes() == b"w1200"

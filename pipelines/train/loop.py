@@ -13,6 +13,8 @@ Output folder layout::
     <out>/losses.png                  loss curves (PIL)
     <out>/checkpoints/last.pt         full training state (exact resume), written atomically
     <out>/fhavatar.safetensors        fp16 network weights with the config (what ``load_network`` reads)
+    <out>/best.safetensors, best.json the weights at the validation with the highest mean PSNR so far (and its step),
+                                      kept across resumed calls: validation is noisy and later is not always better
 
 Multi-process: under ``torchrun`` (``WORLD_SIZE > 1``) the network is wrapped in DistributedDataParallel and
 ``batch_size`` is per process: process ``rank`` trains on its share of the step's global batch of
@@ -106,6 +108,19 @@ def _truncate_log(path: Path, columns: tuple[str, ...], max_step: int) -> None:
             w = csv.DictWriter(f, fieldnames=list(columns))
             w.writeheader()
             w.writerows(rows)
+
+
+def _keep_best(out: Path, step: int, per_clip: dict[str, dict], save: Callable[[Path], None]) -> bool:
+    """Write ``best.safetensors`` (via ``save``) and ``best.json`` when this validation's mean PSNR over the clips
+    beats the best one recorded in ``best.json`` (a resumed run keeps the earlier calls' best). Returns whether it did."""
+    mean_psnr = float(np.mean([r["psnr"] for r in per_clip.values()]))
+    record = out / "best.json"
+    best = json.loads(record.read_text())["mean_psnr"] if record.is_file() else -math.inf
+    if not mean_psnr > best:
+        return False
+    save(out / "best.safetensors")
+    write_json(record, {"step": step, "mean_psnr": mean_psnr, "psnr": {k: r["psnr"] for k, r in per_clip.items()}})
+    return True
 
 
 def _save_png(path: Path, image: np.ndarray) -> None:
@@ -246,6 +261,9 @@ def train(
             grids.append(comparison_grid(vc, res, baselines[vc.name], size))
         _append_rows(out / "val.csv", VAL_COLUMNS, rows)
         _save_png(out / f"val_grid_{at_step:06d}.png", np.concatenate(grids, 0))
+        if not first:
+            _keep_best(out, at_step, summary["network"], lambda path: save_checkpoint(
+                path, net, extra={"step": at_step, "config_digest": cfg.digest(), **head_of_weights}))
         return summary
 
     validation: dict = {}
