@@ -645,6 +645,7 @@ def evaluate(
     uv_size: Optional[int] = typer.Option(None, help="UV map size K (unproject / template; the network's checkpoint "
                                           "sets its own)."),
     refine_steps: Optional[str] = typer.Option(None, help=REFINE_HELP),
+    complete: Optional[bool] = typer.Option(None, "--complete/--no-complete", help=COMPLETE_HELP),
     merge: bool = typer.Option(False, "--merge", help="Only merge the shards' per-video results into the report."),
     head_model: HeadModel = "auto",
     tracking_config: TrackingFile = None,
@@ -656,7 +657,8 @@ def evaluate(
     from pipelines.evaluate.protocol import run_evaluate
     from pipelines.reconstruct import ReconstructConfig, with_network
 
-    recon = {k: v for k, v in (("uv_size", uv_size), ("refine_steps", refine_steps)) if v is not None}
+    recon = {k: v for k, v in (("uv_size", uv_size), ("refine_steps", refine_steps), ("complete", complete))
+             if v is not None}
     given = {k: v for k, v in (("protocol", protocol), ("method", method), ("size", size), ("max_frames", max_frames),
                                ("stride", stride)) if v is not None}
     try:

@@ -75,11 +75,11 @@ def no_lpips(tmp_path_factory):
     M.lpips_model.cache_clear()
 
 
-def _run(videos, out, protocol="self", max_frames=MAX_FRAMES, **kw):
+def _run(videos, out, protocol="self", max_frames=MAX_FRAMES, reconstruct_options=SMALL_AVATAR, **kw):
     items = []
     text, code = run_evaluate([str(v) for v in videos], out, protocol=protocol, method="unproject", size=SIZE,
                               max_frames=max_frames, device="cpu", on_result=items.append,
-                              reconstruct_options=SMALL_AVATAR, **kw)
+                              reconstruct_options=reconstruct_options, **kw)
     return text, code, items
 
 
@@ -411,3 +411,24 @@ def test_tracker_settings_reach_the_preprocess_of_every_video(videos, no_lpips, 
     manifest = json.loads((tmp_path / "out" / item_id(videos[0]) / "preprocess" / "manifest.json").read_text())
     recorded = manifest["settings"]["tracking"]["tracking"]
     assert recorded["expression_limits"] is True and recorded["jaw_init_pitches"] == [0.0, 0.2]
+
+
+def test_completion_reaches_the_avatars_it_scores(videos, no_lpips, tmp_path):
+    """`fhavatar evaluate --complete` scores completed avatars: the avatar records the completion, and the run's
+    settings hash differs from the uncompleted run's (so --merge never mixes them)."""
+    from typer.testing import CliRunner
+
+    from fhavatar_cli.main import app
+    from pipelines.avatar.artifact import load_avatar
+
+    def cli(out, *extra):
+        r = CliRunner().invoke(app, ["--quiet", "evaluate", str(videos[0]), "--out", str(out), "--method", "unproject",
+                                     "--uv-size", "64", "--size", str(SIZE), "--max-frames", str(MAX_FRAMES),
+                                     "--metrics", "psnr", "--device", "cpu", *extra])
+        assert r.exit_code == 0, r.output
+        return _record(out, videos[0], "self")
+
+    done = cli(tmp_path / "done", "--complete")
+    avatar = load_avatar(tmp_path / "done" / item_id(videos[0]) / "avatar" / "avatar.npz")
+    assert avatar.meta["complete"]["enabled"] is True
+    assert cli(tmp_path / "plain")["settings_hash"] != done["settings_hash"]

@@ -545,7 +545,8 @@ def run_evaluate(
     Args:
         inputs: video files, folders, globs or ``@list.txt`` (``pipelines.store.expand_inputs``).
         shard: "i/n", (i, n) or None (from the scheduler's environment, else unsharded).
-        reconstruct_options: further ``ReconstructConfig`` fields (uv_size, refine_steps (a number or "auto"), prior).
+        reconstruct_options: further ``ReconstructConfig`` fields (uv_size, refine_steps (a number or "auto"), prior,
+            complete (a bool or a ``CompleteConfig``)).
         config: further ``EvalConfig`` fields (csim_reference, pair_offset, lpips_net, keypoints, chunk, ...).
     Returns:
         (text, exit status): the markdown table(s), or the one-line error; 0 all videos evaluated, 1 some failed or
@@ -562,7 +563,7 @@ def run_evaluate(
         unknown = sorted(set(extra) - {f.name for f in dataclasses.fields(ReconstructConfig)})
         if unknown or "source_frame" in extra:
             raise ConfigError(f"reconstruct option(s) {', '.join(unknown or ['source_frame'])} not accepted",
-                              "use uv_size, refine_steps, refine, prior (the source is always frame 0)")
+                              "use uv_size, refine_steps, refine, prior, complete (the source is always frame 0)")
         recon = ReconstructConfig(method=method, weights=weights, **extra).validate().for_device(device)
         videos = expand_inputs([str(i) for i in inputs], VIDEO_EXTS)
         i, n = shard if isinstance(shard, tuple) else parse_shard(shard)
