@@ -161,12 +161,40 @@ def load_source(preprocess_dir: str | Path, frame: int = 0) -> SourceFrame:
 
 
 # --------------------------------------------------------------------------------------------------- unprojection
+# Rings of invalid texels around the UV islands that take island colours (dilate_maps). On the ICT head 2 reach every
+# Gaussian's bilinear footprint at K = 128 and 256 (none darker than a uniform source after, docs/HEAD_MODELS.md);
+# 3 as the completion's gutter (CompleteConfig.gutter).
+DILATE_TEXELS = 3
+
+
+def dilate_maps(maps: torch.Tensor, valid: torch.Tensor, iterations: int = DILATE_TEXELS) -> torch.Tensor:
+    """maps (B, C, K, K) with the invalid texels near the UV islands filled from them; valid (K, K) bool.
+
+    Gaussians sample the maps bilinearly at UV points (``UVSpace.sample_maps``); vertex and hair-grid samples at an
+    island's border have invalid texels in their 2 x 2 footprint, and a map that is zero there (``color * valid``)
+    darkens them towards black: dotted seams along the island borders. Each iteration sets the invalid texels next
+    to an already-set one (8-neighbourhood) to the mean of those neighbours, one ring of texels per iteration; the
+    valid texels and the invalid ones farther than ``iterations`` texels from any island keep their values.
+    """
+    known = valid.to(maps)[None, None].expand(maps.shape[0], 1, -1, -1)  # (B, 1, K, K)
+    out = maps * known
+    for _ in range(iterations):
+        share = F.avg_pool2d(known, 3, stride=1, padding=1, count_include_pad=False)  # (B, 1, K, K)
+        mean = F.avg_pool2d(out, 3, stride=1, padding=1, count_include_pad=False) / share.clamp(min=1e-6)
+        grow = (share > 0) & (known == 0)
+        out = torch.where(grow, mean, out)
+        known = known + grow.to(known)
+    return torch.where(known > 0, out, maps)
+
+
 def unproject_maps(source: SourceFrame, head: HeadModel, uv: UVSpace) -> torch.Tensor:
     """Attribute maps (1, 14, K, K) coloured by unprojecting the source image (the no-network baseline).
 
     Visible texels (depth test against the texels' own z-buffer, facing the camera, inside the matte) take the image
     colour; the rest take the colour of their mirror texel (u -> 1 - u) when that one is visible, else the mean
-    visible colour of their region (default palette colours when a region is unseen).
+    visible colour of their region (default palette colours when a region is unseen). The colours are then dilated
+    ``DILATE_TEXELS`` texels into the invalid border around the islands (``dilate_maps``), so that Gaussians sampled
+    at island borders read island colours, not the zeros outside.
     """
     device = source.image.device
     seen, grid = seen_by_source(source, head, uv)  # (1, 1, K, K), (1, K, K, 2)
@@ -184,7 +212,7 @@ def unproject_maps(source: SourceFrame, head: HeadModel, uv: UVSpace) -> torch.T
             mean = torch.tensor(REGION_COLORS.get(name, (0.5, 0.5, 0.5)), device=device).view(1, 3, 1, 1)
         color = torch.where(m & ~filled, mean.expand_as(color), color)
     A = template_maps(uv).to(device)
-    A[:, ATTRIBUTE_SLICES["color"]] = color * uv.valid
+    A[:, ATTRIBUTE_SLICES["color"]] = dilate_maps(color * uv.valid, uv.valid.to(device))
     return A
 
 
