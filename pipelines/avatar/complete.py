@@ -75,6 +75,12 @@ class CompleteConfig:
     # chin, the mouth and the back of the head down there) are not completed. Off: it keeps the source view of the
     # ICT network avatars (docs/BACK_OF_HEAD.md) but leaves the neck and the lower back of the head as predicted.
     keep_below_ears: bool = False
+    # Texels of the neck region lower than the ears' lowest point are not completed; the face (chin, mouth, jaw
+    # underside), the ears and the hair cap — the nape and the lower back of the head included — are completed as
+    # usual. The network draws collars, shirts and shoulders with the neck's texels (docs/BACK_OF_HEAD.md,
+    # "keep_neck"): recolouring and flooring them as skin spoils the source view, while keep_below_ears, which also
+    # keeps those, leaves the chin, the mouth and the lower back of the head as predicted (grey, see-through).
+    keep_neck: bool = False
     # What the source view shows is what the render shows, not what the bare mesh shows: a network's offsets move
     # texels the mesh hides into view (on ICT: under the nose, around the mouth, the face tile's sides, the mouth,
     # eye and teeth items). After completion the source view is re-rendered and texels whose change makes it worse
@@ -380,6 +386,9 @@ def complete_maps(maps: torch.Tensor, delta_p: torch.Tensor, source, head: HeadM
         # the neck's texels (mesh-hidden ones too): completing those as skin recolours the clothes in the source view.
         y_t = tv.to_texels(canonical.cpu().numpy()[:, 1:2])[:, 0]
         group_t &= y_t > _ear_bottom(head, canonical)
+    if cfg.keep_neck:
+        y_t = tv.to_texels(canonical.cpu().numpy()[:, 1:2])[:, 0]
+        group_t &= ~((region_t == REGIONS["neck"]) & (y_t <= _ear_bottom(head, canonical)))
 
     # ---- appearance: mirror, then the screened diffusion per group
     color = maps[0, sl["color"]]
