@@ -273,3 +273,87 @@ def test_completion_keeps_the_source_view_of_the_ict_network_avatar(ict_network_
 
     before, after = back_distance(*f["pred"]), back_distance(*f["on"][:2])
     assert after < 0.6 * before, (before, after)
+
+
+# ------------------------------------------------------------------------------ keep_neck (ICT head, synthetic source)
+@pytest.fixture(scope="module")
+def ict64():
+    """The ICT head at K = 64 with the synthetic source painted from its own projection (as the embedded head's)."""
+    ict = load_head_model("ict")
+    return ict, build_uv_space(ict, UVConfig(size=64, hair_grid_cols=64, hair_grid_rows=16, include_vertices=False)), \
+        synthetic_source(ict)
+
+
+def test_keep_neck_leaves_the_neck_and_completes_the_back_of_the_head(ict64):
+    """A network draws collars and shoulders with the neck's texels (docs/BACK_OF_HEAD.md, "keep_neck"):
+    ``keep_neck`` leaves the neck region below the ears' lowest point as predicted — a blue "shirt" on a faint
+    avatar keeps its colour, opacity and size — while the never-seen back of the scalp still takes the hair colour
+    and the opacity floor, and the face below the ears (chin, jaw underside) is still completed, which
+    ``keep_below_ears`` skips."""
+    from pipelines.avatar.complete import _ear_bottom
+
+    head, uv, src = ict64
+    faint = template_maps(uv)
+    faint[:, ATTRIBUTE_SLICES["opacity"]] = 0.03
+    faint[:, ATTRIBUTE_SLICES["scale"]] = 0.4
+    shirt = torch.tensor([0.1, 0.2, 0.8])
+    faint[0, ATTRIBUTE_SLICES["color"]] = torch.where(uv.region_mask("neck")[None], shirt[:, None, None],
+                                                      faint[0, ATTRIBUTE_SLICES["color"]])
+    dp = torch.zeros(1, 3, uv.size, uv.size)
+    seen = seen_by_source(src, head, uv)[0][0, 0]
+    canonical = head.canonical()
+    p = uv.position_map(canonical, head.faces)[0]
+    below = uv.valid & (p[1] <= _ear_bottom(head, canonical[0]))
+    neck = uv.region_mask("neck") & below
+    chin = uv.region_mask("face") & below & ~seen
+    back = back_scalp_texels(head, uv, seen)
+    assert neck.sum() > 100 and chin.sum() > 20 and len(back[0]) > 20
+    cfg = CompleteConfig(enabled=True, hair_volume=False, guard_passes=0)
+    op = ATTRIBUTE_SLICES["opacity"]
+    plain = complete_maps(faint, dp, src, head, uv, cfg)[0]
+    # Without it the shirt turns skin-coloured and opaque (the defect on the ICT network's avatars).
+    assert float((plain[0, ATTRIBUTE_SLICES["color"]][:, neck] - shirt[:, None]).abs().max(0)[0].mean()) > 0.2
+    assert float((plain[0, op][:, neck] >= 0.95).float().mean()) > 0.5
+    kept, kept_dp, _ = complete_maps(faint, dp, src, head, uv, replace(cfg, keep_neck=True))
+    assert torch.equal(kept[0][:, neck], faint[0][:, neck]) and torch.equal(kept_dp[0][:, neck], dp[0][:, neck])
+    for out in (plain, kept):  # the back of the head and the chin are completed either way
+        np.testing.assert_allclose(out[0, ATTRIBUTE_SLICES["color"]][:, back[0], back[1]].mean(1).numpy(), HAIR,
+                                   atol=0.03)
+        assert bool((out[0, op][:, back[0], back[1]] >= 0.95).all())
+        assert float((out[0, op][:, chin] >= 0.95).float().mean()) > 0.9
+    below_ears = complete_maps(faint, dp, src, head, uv, replace(cfg, keep_below_ears=True))[0]
+    assert float((below_ears[0, op][:, chin] >= 0.95).float().mean()) < 0.1
+
+
+def test_keep_lifted_below_ears_leaves_what_the_network_threw_off_the_head(ict64):
+    """The ICT v2 network draws collars and shoulders with the face region's lower texels, thrown centimetres off
+    the surface (docs/BACK_OF_HEAD.md, "keep_neck"): ``keep_lifted_below_ears`` leaves texels below the ears' lowest
+    point lifted farther than it as predicted; those on the surface below the ears (here the face's other half and
+    the neck) and the back of the head are completed."""
+    from pipelines.avatar.complete import _ear_bottom
+
+    head, uv, src = ict64
+    faint = template_maps(uv)
+    faint[:, ATTRIBUTE_SLICES["opacity"]] = 0.03
+    faint[:, ATTRIBUTE_SLICES["scale"]] = 0.4
+    canonical = head.canonical()
+    p = uv.position_map(canonical, head.faces)[0]
+    below = uv.valid & (p[1] <= _ear_bottom(head, canonical[0]))
+    thrown = uv.region_mask("face") & below & (p[0] > 0.005)  # one half of the lower face, 5 cm out and down
+    on_surface = uv.region_mask("face", "neck") & below & (p[0] < -0.005) & ~seen_by_source(src, head, uv)[0][0, 0]
+    dp = torch.zeros(1, 3, uv.size, uv.size)
+    dp[0] = torch.where(thrown[None], torch.tensor([0.0, -0.03, 0.04])[:, None, None], dp[0])
+    faint[0, ATTRIBUTE_SLICES["color"]] = torch.where(thrown[None], torch.tensor([0.1, 0.2, 0.8])[:, None, None],
+                                                      faint[0, ATTRIBUTE_SLICES["color"]])
+    assert thrown.sum() > 50 and on_surface.sum() > 50
+    cfg = CompleteConfig(enabled=True, hair_volume=False, guard_passes=0)
+    op = ATTRIBUTE_SLICES["opacity"]
+    plain = complete_maps(faint, dp, src, head, uv, cfg)[0]
+    assert not torch.equal(plain[0][:, thrown], faint[0][:, thrown])
+    kept, kept_dp, _ = complete_maps(faint, dp, src, head, uv, replace(cfg, keep_lifted_below_ears=0.02))
+    assert torch.equal(kept[0][:, thrown], faint[0][:, thrown]) and torch.equal(kept_dp[0][:, thrown], dp[0][:, thrown])
+    assert float((kept[0, op][:, on_surface] >= 0.95).float().mean()) > 0.9
+    back = back_scalp_texels(head, uv, seen_by_source(src, head, uv)[0][0, 0])
+    np.testing.assert_allclose(kept[0, ATTRIBUTE_SLICES["color"]][:, back[0], back[1]].mean(1).numpy(), HAIR, atol=0.03)
+    with pytest.raises(ConfigError):
+        CompleteConfig(keep_lifted_below_ears=-0.01).validate()

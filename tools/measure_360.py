@@ -153,6 +153,8 @@ def measure_photo(name: str, pp: Path, head, uv, rcfg, net, yaws, size, erode, c
         s_rgb, s_alpha = render(rig, source.params, src_cam, source.image.shape[-1], backend)
         err = ((s_rgb[0] - gt) ** 2)[matte].mean()
         res["source_psnr"] = round(float(-10 * np.log10(max(err, 1e-12))), 3)
+        err_all = ((s_rgb[0] - gt) ** 2).mean()  # every pixel, both on white
+        res["source_psnr_all"] = round(float(-10 * np.log10(max(err_all, 1e-12))), 3)
         res["source_alpha_iou"] = round(float(((s_alpha[0] > 0.5) & matte).sum() / ((s_alpha[0] > 0.5) | matte).sum()), 4)
         if on:
             res["complete"] = avatar.meta.get("complete")
@@ -257,6 +259,20 @@ def find_preprocess(photo: Path, roots: list[Path], work: Path, head) -> Path:
     return preprocessed_dir(photo, work, head)[0]
 
 
+def complete_config(settings: list[str]) -> CompleteConfig:
+    """CompleteConfig with ``FIELD=VALUE`` overrides (bool, int, float as the field's default is typed)."""
+    from dataclasses import fields
+
+    types = {f.name: type(f.default) for f in fields(CompleteConfig)}
+    kw = {}
+    for item in settings:
+        key, _, val = item.partition("=")
+        if key not in types:
+            raise SystemExit(f"--complete-set: no CompleteConfig field {key!r}")
+        kw[key] = val.lower() in ("1", "true", "yes", "on") if types[key] is bool else types[key](val)
+    return CompleteConfig(**kw)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("photos", nargs="*", type=Path, help="Portraits (default: the d3dfr_* and lp_* of ../shared).")
@@ -278,6 +294,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sheet-photos", default=",".join(DEFAULT_SHEET))
     ap.add_argument("--tile", type=int, default=160)
     ap.add_argument("--report-only", action="store_true", help="Rewrite measure_360.md from <out>/measure_360.json.")
+    ap.add_argument("--complete-set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="A CompleteConfig field for the 'after' avatars, e.g. keep_neck=true (repeatable).")
     a = ap.parse_args(argv)
     if a.report_only:
         data = json.loads((a.out / "measure_360.json").read_text())
@@ -297,8 +315,8 @@ def main(argv=None) -> int:
     photos = a.photos or sorted(PORTRAITS.glob("d3dfr_*")) + sorted(PORTRAITS.glob("lp_*"))
     yaws = [float(y) for y in a.yaws.split(",")]
     head = load_head_model(a.head_model, device=a.device)
-    rcfg, net = with_network(ReconstructConfig(method=a.method, uv_size=a.uv_size, weights=a.weights).validate(),
-                             a.device)
+    rcfg, net = with_network(ReconstructConfig(method=a.method, uv_size=a.uv_size, weights=a.weights,
+                                               complete=complete_config(a.complete_set)).validate(), a.device)
     uv = load_or_build_uv_space(head, UVConfig(size=rcfg.uv_size), device=a.device)
     a.out.mkdir(parents=True, exist_ok=True)
     sheet_names = [s for s in a.sheet_photos.split(",") if s]

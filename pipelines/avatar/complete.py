@@ -75,6 +75,17 @@ class CompleteConfig:
     # chin, the mouth and the back of the head down there) are not completed. Off: it keeps the source view of the
     # ICT network avatars (docs/BACK_OF_HEAD.md) but leaves the neck and the lower back of the head as predicted.
     keep_below_ears: bool = False
+    # Texels of the neck region lower than the ears' lowest point are not completed; the face (chin, mouth, jaw
+    # underside), the ears and the hair cap — the nape and the lower back of the head included — are completed as
+    # usual (keep_below_ears leaves those as predicted: grey, see-through). Meant for a network that draws collars
+    # and shoulders with the neck's texels; the ICT v2 network does not (it uses the face region's lower texels):
+    # measured, it keeps no source view there (docs/BACK_OF_HEAD.md, "keep_neck"). See keep_lifted_below_ears.
+    keep_neck: bool = False
+    # Texels lower than the ears' lowest point that the prediction puts farther than this (metres, offset + Δp) off
+    # the surface are not completed (0: off). On the ICT v2 network it is the face region's lower texels, thrown
+    # 2-8 cm out, that draw the collars and shoulders (the neck's stay within ~1 cm); those on the surface — the chin,
+    # the jaw's underside — and the lower back of the head are completed.
+    keep_lifted_below_ears: float = 0.0
     # What the source view shows is what the render shows, not what the bare mesh shows: a network's offsets move
     # texels the mesh hides into view (on ICT: under the nose, around the mouth, the face tile's sides, the mouth,
     # eye and teeth items). After completion the source view is re-rendered and texels whose change makes it worse
@@ -91,7 +102,7 @@ class CompleteConfig:
                   "max_hair_offset": 0 <= self.max_hair_offset <= 0.2, "contour_cos": 0 < self.contour_cos < 1,
                   "hair_smoothness": self.hair_smoothness >= 0, "max_stretch": self.max_stretch >= 1,
                   "opacity_floor": 0 <= self.opacity_floor < 1, "scale_floor": self.scale_floor >= 0,
-                  "floor_reach": self.floor_reach >= 0, "grazing_cos": 0 <= self.grazing_cos < 1, "hair_tolerance": self.hair_tolerance > 0,
+                  "floor_reach": self.floor_reach >= 0, "keep_lifted_below_ears": self.keep_lifted_below_ears >= 0, "grazing_cos": 0 <= self.grazing_cos < 1, "hair_tolerance": self.hair_tolerance > 0,
                   "gutter": self.gutter >= 0, "guard_budget": self.guard_budget >= 0,
                   "guard_passes": self.guard_passes >= 0, "guard_size": self.guard_size >= 16}
         bad = [k for k, ok in ranges.items() if not ok]
@@ -380,6 +391,14 @@ def complete_maps(maps: torch.Tensor, delta_p: torch.Tensor, source, head: HeadM
         # the neck's texels (mesh-hidden ones too): completing those as skin recolours the clothes in the source view.
         y_t = tv.to_texels(canonical.cpu().numpy()[:, 1:2])[:, 0]
         group_t &= y_t > _ear_bottom(head, canonical)
+    if cfg.keep_neck:
+        y_t = tv.to_texels(canonical.cpu().numpy()[:, 1:2])[:, 0]
+        group_t &= ~((region_t == REGIONS["neck"]) & (y_t <= _ear_bottom(head, canonical)))
+    if cfg.keep_lifted_below_ears > 0:
+        y_t = tv.to_texels(canonical.cpu().numpy()[:, 1:2])[:, 0]
+        r_, c_ = torch.as_tensor(tv.rows, device=device), torch.as_tensor(tv.cols, device=device)
+        lifted = (delta_p[0] + maps[0, sl["offset"]])[:, r_, c_].norm(dim=0).cpu().numpy()
+        group_t &= ~((lifted > cfg.keep_lifted_below_ears) & (y_t <= _ear_bottom(head, canonical)))
 
     # ---- appearance: mirror, then the screened diffusion per group
     color = maps[0, sl["color"]]
