@@ -4,14 +4,14 @@
 
 A template avatar of the ICT head (random identity and attributes, as ``bench_speed.make_rig``) is posed ``--reps``
 times with random motion; the table lists the CUDA kernels by total device time (what a CUDA graph replays, minus
-the launch gaps), the JSON the same rows plus the graph-replayed step's median time (CUDA events).
+the launch gaps), the JSON the same rows plus the graph-replayed step's median time (``bench_speed.time_calls``: CUDA
+events).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,23 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_speed import make_rig, random_motion  # noqa: E402
+from bench_speed import make_rig, random_motion, time_calls  # noqa: E402
 from pipelines.head.registry import load_head_model  # noqa: E402
 from pipelines.uv.space import UVConfig  # noqa: E402
-
-
-def graph_ms(fn, reps: int) -> float:
-    """Median device time (ms) of ``fn()`` over ``reps`` calls, CUDA events, after two warm-up calls."""
-    times = []
-    for i in range(reps + 2):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        if i >= 2:
-            times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -61,7 +47,7 @@ def main() -> int:
                     rig.pose_params(params)
                 torch.cuda.synchronize()
             graph = rig.pose_graph(B)
-            replay = graph_ms(lambda: graph(params), a.reps)
+            replay = time_calls(lambda i: graph(params), device, a.reps, warmup=2)["median_ms"]
         events = [e for e in prof.key_averages() if e.device_time_total > 0]
         events.sort(key=lambda e: -e.device_time_total)
         rows = [{"kernel": e.key[:120], "calls_per_step": e.count / a.reps,

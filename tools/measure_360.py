@@ -55,6 +55,7 @@ from pipelines.animate import render_sequence  # noqa: E402
 from pipelines.avatar.artifact import Avatar  # noqa: E402
 from pipelines.avatar.binding import AvatarRig  # noqa: E402
 from pipelines.avatar.complete import CompleteConfig, hair_cap, image_hair_region, rasterize_mask  # noqa: E402
+from pipelines.config import load_config  # noqa: E402
 from pipelines.core.camera import Camera, fov_to_focal, normalized_intrinsics, orbit_cameras, world_to_camera  # noqa: E402
 from pipelines.head.base import REGIONS  # noqa: E402
 from pipelines.turntable import TurntableConfig  # noqa: E402
@@ -259,20 +260,6 @@ def find_preprocess(photo: Path, roots: list[Path], work: Path, head) -> Path:
     return preprocessed_dir(photo, work, head)[0]
 
 
-def complete_config(settings: list[str]) -> CompleteConfig:
-    """CompleteConfig with ``FIELD=VALUE`` overrides (bool, int, float as the field's default is typed)."""
-    from dataclasses import fields
-
-    types = {f.name: type(f.default) for f in fields(CompleteConfig)}
-    kw = {}
-    for item in settings:
-        key, _, val = item.partition("=")
-        if key not in types:
-            raise SystemExit(f"--complete-set: no CompleteConfig field {key!r}")
-        kw[key] = val.lower() in ("1", "true", "yes", "on") if types[key] is bool else types[key](val)
-    return CompleteConfig(**kw)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("photos", nargs="*", type=Path, help="Portraits (default: the d3dfr_* and lp_* of ../shared).")
@@ -315,8 +302,9 @@ def main(argv=None) -> int:
     photos = a.photos or sorted(PORTRAITS.glob("d3dfr_*")) + sorted(PORTRAITS.glob("lp_*"))
     yaws = [float(y) for y in a.yaws.split(",")]
     head = load_head_model(a.head_model, device=a.device)
+    complete = load_config(CompleteConfig, None, a.complete_set)  # --complete-set FIELD=VALUE, values in YAML syntax
     rcfg, net = with_network(ReconstructConfig(method=a.method, uv_size=a.uv_size, weights=a.weights,
-                                               complete=complete_config(a.complete_set)).validate(), a.device)
+                                               complete=complete).validate(), a.device)
     uv = load_or_build_uv_space(head, UVConfig(size=rcfg.uv_size), device=a.device)
     a.out.mkdir(parents=True, exist_ok=True)
     sheet_names = [s for s in a.sheet_photos.split(",") if s]
