@@ -68,7 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines.avatar.artifact import Avatar, save_avatar  # noqa: E402
-from pipelines.avatar.binding import AvatarRig, Gaussians  # noqa: E402
+from pipelines.avatar.binding import AvatarRig, Gaussians, PoseGraph  # noqa: E402
 from pipelines.avatar.maps import template_maps  # noqa: E402
 from pipelines.core.camera import (  # noqa: E402
     DEFAULT_RADIUS,
@@ -322,6 +322,17 @@ class Bench:
                 r = res["pose_vs_baseline"]
                 ok &= r["means_rel"] < TOL["means_rel"] and r["scales_rel"] < TOL["scales_rel"]
                 ok &= r["quats_rel"] < TOL["quats_rel"] and r["opacities_equal"] and r["colors_equal"]
+            if self.rig._use_fused(self.rig.posed_vertices(p)):
+                # The fused Triton kernel (pose_kernel.py) against the PyTorch path it replaces.
+                ref = torch_path_poser(self.rig)(p)
+                res["fused_vs_torch_path"] = {
+                    "means_rel": rel(new.means, ref.means), "scales_rel": rel(new.scales, ref.scales),
+                    "quats_rel": rel(canon_quat(new.quats), canon_quat(ref.quats)),
+                    "max_abs": {k: float((getattr(new, k) - getattr(ref, k)).abs().max())
+                                for k in ("means", "quats", "scales")}}
+                r = res["fused_vs_torch_path"]
+                ok &= r["means_rel"] < TOL["means_rel"] and r["scales_rel"] < TOL["scales_rel"]
+                ok &= r["quats_rel"] < TOL["quats_rel"]
             # posed_vertices == head(params) with the avatar's shape
             pp = p.to_dict()
             pp["shape"] = self.rig.shape.expand(B, -1)
@@ -421,6 +432,10 @@ class Bench:
             posers = {"baseline": self.base_rig.pose_params, **posers}
         if self.device.type == "cuda":
             posers["graph"] = rig.pose_graph(B)
+            if rig._use_fused(rig.posed_vertices(slice_params(self.motion, 0, B))):
+                # The same step on the PyTorch path (what the fused kernel replaces), eager and as a graph.
+                posers["eager_torch"] = torch_path_poser(rig)
+                posers["graph_torch"] = torch_path_graph(rig, B)
         return posers
 
     def _overlapped(self, rig: AvatarRig, B: int, params, views, size: int, bg) -> Callable[[int], object]:
@@ -891,6 +906,27 @@ def template_avatar(head: HeadModel, uv) -> Avatar:
                   np.zeros(head.n_shape, np.float32), params, normalized_intrinsics()[0].numpy(),
                   orbit_cameras(torch.zeros(1), torch.zeros(1))[0].numpy(),
                   head_record(head), {"method": "template"})
+
+
+def torch_path_poser(rig: AvatarRig) -> Callable[[HeadParams], Gaussians]:
+    """``rig.pose_params`` on the PyTorch path (the fused kernel switched off for the call)."""
+    def call(p: HeadParams) -> Gaussians:
+        rig.fused = False
+        try:
+            return rig.pose_params(p)
+        finally:
+            rig.fused = True
+    return call
+
+
+def torch_path_graph(rig: AvatarRig, B: int) -> PoseGraph:
+    """A CUDA graph of the PyTorch-path pose step (captured with the fused kernel off; kept apart from the rig's
+    own graphs)."""
+    rig.fused = False
+    try:
+        return PoseGraph(rig, B)
+    finally:
+        rig.fused = True
 
 
 def compiled_poser(rig: AvatarRig) -> Callable[[HeadParams], Gaussians]:

@@ -180,3 +180,35 @@ def test_ply_export_roundtrip(tmp_path, head, uv):
     np.testing.assert_allclose(1 / (1 + np.exp(-d["opacity"])), g.opacities[0].numpy(), atol=1e-5)
     np.testing.assert_allclose(np.exp(d["scale_0"]), g.scales[0, :, 0].numpy(), rtol=1e-5)
     np.testing.assert_allclose(d["f_dc_0"] * 0.28209479177387814 + 0.5, g.colors[0, :, 0].numpy(), atol=1e-5)
+
+
+def test_fused_pose_kernel_matches_the_pytorch_path(head, uv, monkeypatch):
+    """The Triton kernel of ``AvatarRig.pose`` (CUDA inference path), run on the CPU by Triton's interpreter, gives
+    the PyTorch path's Gaussians on a deformed, rotated mesh, for one avatar and for one avatar per frame."""
+    pytest.importorskip("triton")
+    from pipelines.avatar import pose_kernel
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(3)
+    maps = template_maps(uv).repeat(2, 1, 1, 1)
+    maps[:, 3:7] += 0.5 * torch.randn(maps[:, 3:7].shape, generator=g)  # arbitrary local rotations ...
+    maps[:, 11:14] = 0.01 * torch.randn(maps[:, 11:14].shape, generator=g)  # ... and offsets off the surface
+    R = axis_angle_to_matrix(torch.tensor([[0.3, -1.1, 0.4], [-2.0, 0.5, 2.9]]))
+    verts = head.v_template[None] @ R.transpose(1, 2) * torch.tensor([[[1.0]], [[1.3]]])
+    verts = verts + 0.01 * torch.randn(verts.shape, generator=g)  # non-rigid: every triangle its own frame
+    for rig in (AvatarRig(head, uv, maps[:1], torch.zeros(head.n_shape)),
+                AvatarRig(head, uv, maps, torch.zeros(2, head.n_shape))):
+        with torch.no_grad():
+            assert rig._use_fused(verts)
+            fused = rig.pose(verts)
+            rig.fused = False
+            ref = rig.pose(verts)
+        for k in ("means", "quats", "scales"):
+            torch.testing.assert_close(getattr(fused, k), getattr(ref, k), atol=2e-6, rtol=1e-5)
+        assert fused.means.shape == (2, rig.num_gaussians, 3)
+        assert (fused.means[0] - fused.means[1]).abs().max() > 0.05  # the two frames really differ
+    # Training needs gradients: with them enabled and the maps differentiable, the PyTorch path is taken.
+    rig = AvatarRig(head, uv, maps[:1].clone().requires_grad_(True), torch.zeros(head.n_shape))
+    assert not rig._use_fused(verts)
+    rig.pose(verts).means.sum().backward()
+    assert pose_kernel.fused_pose_available(torch.device("cpu"))

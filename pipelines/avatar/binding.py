@@ -17,6 +17,7 @@ from ..head.base import HeadModel, HeadParams
 from ..head.lbs import blend_shapes, joint_rotations
 from ..uv.space import UVSpace
 from .maps import ATTRIBUTE_SLICES
+from .pose_kernel import fused_pose_available, pose_gaussians
 
 
 @dataclass
@@ -198,6 +199,10 @@ class AvatarRig:
         self.color = attrs[..., ATTRIBUTE_SLICES["color"]]
         self._identity: dict[str, torch.Tensor] | None = None
         self._graphs: dict[tuple[int, int], PoseGraph] = {}
+        # Inference posing through the fused Triton kernel (pose_kernel.py) where it can run; False forces the
+        # PyTorch path (benchmarks and checks compare the two).
+        self.fused = True
+        self._fused_inputs: tuple[torch.Tensor, ...] | None = None
 
     @property
     def num_gaussians(self) -> int:
@@ -263,6 +268,10 @@ class AvatarRig:
         ``colors`` (B or 1, G, C) replaces the colours (e.g. positions for the 3D TV loss).
         """
         B = verts.shape[0]
+        color = self.color if colors is None else colors
+        if self._use_fused(verts):
+            means, quats, scales = pose_gaussians(verts, *self._fused_kernel_inputs())
+            return Gaussians(means, quats, scales, self.opacity.expand(B, -1), color.expand(B, -1, -1))
         faces = self.head.faces
         R, size = triangle_frames(verts, faces)  # (B, F, 3, 3), (B, F)
         # Everything a Gaussian needs from its triangle, gathered in one pass: frame (9), quaternion (4), size (1),
@@ -277,8 +286,25 @@ class AvatarRig:
         means = surface + k[..., None] * (Rg * self.offset_local[..., None, :]).sum(-1)
         quats = (self._quat_right * tri[..., None, 9:13]).sum(-1)  # q_face (x) quat_local
         scales = self.scale_base * k[..., None]
-        color = self.color if colors is None else colors
         return Gaussians(means, quats, scales, self.opacity.expand(B, -1), color.expand(B, -1, -1))
+
+    def _use_fused(self, verts: torch.Tensor) -> bool:
+        """The fused kernel has no backward: used only when no gradient is wanted, on float32 CUDA tensors."""
+        wants_grad = torch.is_grad_enabled() and (verts.requires_grad or self.offset_local.requires_grad
+                                                  or self.scale_base.requires_grad or self.quat_local.requires_grad)
+        return (self.fused and not wants_grad and verts.dtype == torch.float32
+                and self.offset_local.shape[0] in (1, verts.shape[0]) and fused_pose_available(verts.device))
+
+    def _fused_kernel_inputs(self) -> tuple[torch.Tensor, ...]:
+        """faces, face_of (int32), bary, size_can, offset_local, quat_local, scale_base as the kernel reads them
+        (contiguous float32), made once: the rig's maps do not change after it is built."""
+        if self._fused_inputs is None:
+            self._fused_inputs = (
+                self.head.faces.to(torch.int32).contiguous(), self._face.to(torch.int32).contiguous(),
+                self._bary.float().contiguous(),
+                *(t.detach().float().contiguous() for t in (self._size_can, self.offset_local, self.quat_local,
+                                                             self.scale_base)))
+        return self._fused_inputs
 
 
 class PoseGraph:
