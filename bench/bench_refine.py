@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines.avatar.binding import AvatarRig  # noqa: E402
+from pipelines.avatar.complete import CompleteConfig, complete_maps  # noqa: E402
 from pipelines.avatar.maps import pool_maps  # noqa: E402
 from pipelines.config import from_dict  # noqa: E402
 from pipelines.evaluate.metrics import MetricsConfig, compute_metrics  # noqa: E402
@@ -78,8 +79,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def parse_variant(text: str) -> tuple[str, RefineConfig]:
-    """"name:key=value;key=value" -> (name, RefineConfig with those fields); "default" alone is the defaults."""
+def parse_fields(text: str) -> tuple[str, dict]:
+    """"name:key=value;key=value" -> (name, {key: value}), values in YAML syntax."""
     import yaml
 
     name, _, rest = text.partition(":")
@@ -87,7 +88,21 @@ def parse_variant(text: str) -> tuple[str, RefineConfig]:
     for item in filter(None, rest.split(";")):
         key, _, value = item.partition("=")
         fields[key.strip()] = yaml.safe_load(value)
+    return name, fields
+
+
+def parse_variant(text: str) -> tuple[str, RefineConfig]:
+    """"name:key=value;key=value" -> (name, RefineConfig with those fields); "default" alone is the defaults."""
+    name, fields = parse_fields(text)
     return name, from_dict(RefineConfig, fields).validate()
+
+
+def parse_completion(text: str) -> tuple[str, CompleteConfig | None]:
+    """"none" -> no completion; "name:key=value;..." -> (name, CompleteConfig(enabled=True) with those fields)."""
+    name, fields = parse_fields(text)
+    if name == "none" and not fields:
+        return name, None
+    return name, from_dict(CompleteConfig, {"enabled": True, **fields}).validate()
 
 
 def turntable_views(rig: AvatarRig, head, src: SourceFrame, size: int, yaws=(90.0, 180.0)) -> list[np.ndarray]:
@@ -119,7 +134,8 @@ def score(frames: np.ndarray, clip, with_csim: bool) -> dict:
     return out
 
 
-def run_clip(folder: Path, args, head, net, variants, device) -> tuple[dict, np.ndarray]:
+def run_clip(folder: Path, args, head, net, variants, device, completions=(("none", None),)
+             ) -> tuple[dict, np.ndarray]:
     size = args.size
     clip = Clip(folder, size)
     clip.name = next((n for n in args.clips.split(",") if matches(clip.name, (n,))), clip.name)  # without the hash
@@ -144,38 +160,53 @@ def run_clip(folder: Path, args, head, net, variants, device) -> tuple[dict, np.
     view = max(64, size // 2)
     picture = []
     saved = {"delta_p": dp[0].half().cpu().numpy()}
-    unrefined = None  # 0 steps is the same avatar for every variant: scored once
-    for vname, cfg in variants:
-        cfg = dataclasses.replace(cfg, render_size=args.refine_size or cfg.render_size)
-        for steps in args.steps:
-            if steps == 0 and unrefined is not None:
-                result["runs"].append({**unrefined[0], "variant": vname})
-                picture.append(unrefined[1])
-                saved[f"{vname}__0"] = saved[f"{variants[0][0]}__0"]
-                continue
+    pred_maps, pred_dp = maps, dp
+    for cname, ccfg in completions:
+        complete_s, complete_info = 0.0, {}
+        maps, dp = pred_maps, pred_dp
+        if ccfg is not None:  # as reconstruct(): completion on the prediction, then refinement
             sync(device)
             t0 = time.perf_counter()
-            A, report = refine_maps(maps, dp, src, head, uv, steps, cfg, backend=args.renderer) if steps else (maps, {})
+            maps, dp, complete_info = complete_maps(pred_maps, pred_dp, src, head, uv, ccfg)
             sync(device)
-            refine_s = time.perf_counter() - t0
-            saved[f"{vname}__{steps}"] = A[0].half().cpu().numpy()
-            rig = AvatarRig(head, uv, A, vc.src_params.shape, dp)
-            frames, _ = render_reenactment(rig, head, vc, size, backend=args.renderer)
-            run = {"variant": vname, "steps": steps, "refine_seconds": refine_s,
-                   "seconds_per_avatar": predict_s + refine_s, **score(frames, vc, not args.no_csim),
-                   "source_psnr": [report.get("source_psnr_before"), report.get("source_psnr_after")]}
-            result["runs"].append(run)
-            print(f"{clip.name:28s} {vname:12s} {steps:4d} steps: after-source {run['after_source_psnr']:.2f} dB, "
-                  f"PSNR {run['psnr']:.2f}, SSIM {run['ssim']:.4f}, CSIM {run.get('csim')}, "
-                  f"{run['seconds_per_avatar']:.2f} s", flush=True)
-            small = lambda x: F.interpolate(torch.as_tensor(x).permute(2, 0, 1)[None], size=(view, view),  # noqa: E731
-                                            mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
-            side = turntable_views(rig, head, src, view)
-            picture.append(np.concatenate([small(vc.src_img[0].permute(1, 2, 0).cpu().numpy()),
-                                           small(vc.tgt_img[0].permute(1, 2, 0).cpu().numpy()),
-                                           small(frames[0]), *side], 1))
-            if steps == 0:
-                unrefined = (run, picture[-1])
+            complete_s = time.perf_counter() - t0
+            saved[f"delta_p__{cname}"] = dp[0].half().cpu().numpy()
+        unrefined = None  # 0 steps is the same avatar for every variant: scored once
+        for vname0, cfg in variants:
+            vname = vname0 if len(completions) == 1 and ccfg is None else f"{cname}+{vname0}"
+            cfg = dataclasses.replace(cfg, render_size=args.refine_size or cfg.render_size)
+            for steps in args.steps:
+                if steps == 0 and unrefined is not None:
+                    result["runs"].append({**unrefined[0], "variant": vname})
+                    picture.append(unrefined[1])
+                    saved[f"{vname}__0"] = saved[unrefined[2]]
+                    continue
+                sync(device)
+                t0 = time.perf_counter()
+                A, report = refine_maps(maps, dp, src, head, uv, steps, cfg, backend=args.renderer) if steps \
+                    else (maps, {})
+                sync(device)
+                refine_s = time.perf_counter() - t0
+                saved[f"{vname}__{steps}"] = A[0].half().cpu().numpy()
+                rig = AvatarRig(head, uv, A, vc.src_params.shape, dp)
+                frames, _ = render_reenactment(rig, head, vc, size, backend=args.renderer)
+                run = {"variant": vname, "completion": cname, "steps": steps, "refine_seconds": refine_s,
+                       "complete_seconds": complete_s, "seconds_per_avatar": predict_s + complete_s + refine_s,
+                       **score(frames, vc, not args.no_csim),
+                       "source_psnr": [report.get("source_psnr_before"), report.get("source_psnr_after")],
+                       "guard_pixels": complete_info.get("guard_pixels")}
+                result["runs"].append(run)
+                print(f"{clip.name:28s} {vname:12s} {steps:4d} steps: after-source {run['after_source_psnr']:.2f} dB, "
+                      f"PSNR {run['psnr']:.2f}, SSIM {run['ssim']:.4f}, CSIM {run.get('csim')}, "
+                      f"{run['seconds_per_avatar']:.2f} s", flush=True)
+                small = lambda x: F.interpolate(torch.as_tensor(x).permute(2, 0, 1)[None], size=(view, view),  # noqa
+                                                mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
+                side = turntable_views(rig, head, src, view)
+                picture.append(np.concatenate([small(vc.src_img[0].permute(1, 2, 0).cpu().numpy()),
+                                               small(vc.tgt_img[0].permute(1, 2, 0).cpu().numpy()),
+                                               small(frames[0]), *side], 1))
+                if steps == 0:
+                    unrefined = (run, picture[-1], f"{vname}__0")
     if args.save_avatars:
         np.savez_compressed(args.out / f"avatars_{clip.name}.npz", **saved)
     return result, (np.concatenate(picture, 0) * 255 + 0.5).astype(np.uint8)
@@ -201,8 +232,9 @@ def score_saved(args, items: list[Path], head, device) -> int:
         folder = next(d for n, d in by_name.items() if matches(n, (clip_res["name"],)))
         vc = load_val_clip(Clip(folder, meta["size"]), meta["frames"] - 1).to(device)
         with np.load(args.score_avatars / f"avatars_{clip_res['name']}.npz") as z:
-            dp = torch.from_numpy(z["delta_p"]).float()[None].to(device)
             for run in clip_res["runs"]:
+                key = f"delta_p__{run.get('completion')}"
+                dp = torch.from_numpy(z[key if key in z.files else "delta_p"]).float()[None].to(device)
                 A = torch.from_numpy(z[f"{run['variant']}__{run['steps']}"]).float()[None].to(device)
                 rig = AvatarRig(head, uv, A, vc.src_params.shape, dp)
                 res = score(render_reenactment(rig, head, vc, meta["size"], backend="torch")[0], vc, True)
@@ -282,6 +314,9 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--renderer", default="auto")
     ap.add_argument("--no-csim", action="store_true", help="skip CSIM (dlib on the CPU: ~0.1 s a frame)")
+    ap.add_argument("--complete", action="append", default=[],
+                    help='completion before refinement: "none", or NAME:key=value;... CompleteConfig overrides '
+                         '(enabled); each one runs every --variant and --steps')
     ap.add_argument("--save-avatars", action="store_true", help="also write avatars_<clip>.npz (for --score-avatars)")
     ap.add_argument("--score-avatars", type=Path, default=None,
                     help="a --save-avatars results folder: add CSIM to it here (CPU), no refinement run")
@@ -289,6 +324,7 @@ def main() -> int:
     args.steps = [int(s) for s in args.steps.split(",")]
     args.hair_grid = tuple(int(x) for x in args.hair_grid.lower().split("x"))
     variants = [parse_variant(v) for v in (args.variant or ["default"])]
+    completions = [parse_completion(c) for c in (args.complete or ["none"])]
     device = torch.device(args.device)
     torch.manual_seed(0)
 
@@ -305,7 +341,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     clips, pictures = [], []
     for folder in items:
-        res, picture = run_clip(folder, args, head, net, variants, device)
+        res, picture = run_clip(folder, args, head, net, variants, device, completions)
         clips.append(res)
         pictures.append(picture)
     import imageio.v3 as iio
@@ -316,6 +352,7 @@ def main() -> int:
             "uv_size": args.uv_size or net.config.uv_size, "hair_grid": list(args.hair_grid),
             "vertex_samples": args.vertex_samples, "frames": args.frames, "steps": args.steps,
             "variants": {n: dataclasses.asdict(c) for n, c in variants}, "renderer": args.renderer,
+            "completions": {n: c and dataclasses.asdict(c) for n, c in completions},
             "threads": torch.get_num_threads()}
     write_results(args.out, {"meta": meta, "summary": summarise(clips), "clips": clips})
     return 0

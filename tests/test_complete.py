@@ -8,6 +8,7 @@ inside a matte that reaches 12 px above the head (hair the head model lacks). CP
 from __future__ import annotations
 
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,11 +74,18 @@ def synthetic_source(head) -> SourceFrame:
     return SourceFrame(torch.from_numpy(image), torch.from_numpy(matte.astype(np.float32))[None], params, K, c2w)
 
 
+# The completion's own steps on the synthetic source, without the pixel guard: at K = 64 the blobs' blur renders the
+# head ~25 % wider than the painted photo (the unprojected avatar's source view is already 14 dB off), so its
+# source-view error measures the blur, not the completion, and the guard would undo the hair volume it is here to
+# test. The guard is tested on the shipped network's avatars below.
+SYNTHETIC = CompleteConfig(enabled=True, guard_pixel_passes=0)
+
+
 @pytest.fixture(scope="module")
 def completed(source, head, uv):
     maps = unproject_maps(source, head, uv)
     delta_p = torch.zeros(1, 3, uv.size, uv.size)
-    out, dp, info = complete_maps(maps, delta_p, source, head, uv, CompleteConfig(enabled=True))
+    out, dp, info = complete_maps(maps, delta_p, source, head, uv, SYNTHETIC)
     return maps, out, dp, info
 
 
@@ -96,7 +104,7 @@ def test_never_seen_scalp_takes_the_visible_hair_colour(source, head, uv, comple
     # A grey shell where the photo shows nothing (today's network) gets the hair colour too.
     grey = maps.clone()
     grey[0, ATTRIBUTE_SLICES["color"]] = torch.where(seen, grey[0, ATTRIBUTE_SLICES["color"]], torch.tensor(0.5))
-    filled = complete_maps(grey, torch.zeros(1, 3, uv.size, uv.size), source, head, uv, CompleteConfig(enabled=True))[0]
+    filled = complete_maps(grey, torch.zeros(1, 3, uv.size, uv.size), source, head, uv, SYNTHETIC)[0]
     np.testing.assert_allclose(filled[0, ATTRIBUTE_SLICES["color"]][:, r, c].mean(1).numpy(), HAIR, atol=0.03)
     colour = out[0, ATTRIBUTE_SLICES["color"]][:, r, c]  # (3, n)
     # Before completion the unprojection filled them with the scalp's mean over seen and mirrored texels, which
@@ -198,12 +206,9 @@ def test_config_flows_and_is_recorded(source, head, uv):
 
 
 # ----------------------------------------------------------------------------- the shipped network on the ICT head
-@pytest.fixture(scope="module")
-def ict_network_avatar(tmp_path_factory):
-    """The shipped weights' prediction (ICT head, K = 256) of the sample portrait, its source frame at 128 px, and the
-    avatar completed with the defaults and with the source-view guard off (the completion as it was)."""
-    from pathlib import Path
-
+def network_prediction(spec, tmp_path_factory) -> dict:
+    """The shipped weights' prediction (ICT head, K = 256) of frame 0 of ``spec`` (a photo or a clip, preprocessed
+    with the defaults) and that frame as a source at 128 px: {"head", "uv", "src", "pred": (A, delta_p)}."""
     import torch.nn.functional as F
 
     from pipelines.network.inference import predict_avatar
@@ -213,8 +218,7 @@ def ict_network_avatar(tmp_path_factory):
     from pipelines.uv.space import load_or_build_uv_space
 
     ict = load_head_model("auto")  # the head of the shipped weights (ICT-FaceKit)
-    sample = Path(__file__).resolve().parents[1] / "sample_inputs" / "astronaut.jpg"
-    full = load_source(preprocessed_dir(sample, tmp_path_factory.mktemp("out"), ict)[0], 0)
+    full = load_source(preprocessed_dir(spec, tmp_path_factory.mktemp("out"), ict)[0], 0)
     mp = pytest.MonkeyPatch()
     mp.setenv("FHAVATAR_CACHE", str(tmp_path_factory.mktemp("uvcache")))
     uv256 = load_or_build_uv_space(ict, UVConfig(size=256))
@@ -227,10 +231,34 @@ def ict_network_avatar(tmp_path_factory):
         return F.interpolate(x[None], size=(128, 128), mode="bilinear", antialias=True)[0]
 
     src = SourceFrame(small(full.image), small(full.matte), full.params, full.K, full.c2w)
-    A, dp = pred.A, pred.delta_p_canonical
-    on = complete_maps(A, dp, src, ict, uv256, CompleteConfig(enabled=True, guard_size=128))
-    unguarded = complete_maps(A, dp, src, ict, uv256, CompleteConfig(enabled=True, guard_passes=0))
-    return {"head": ict, "uv": uv256, "src": src, "pred": (A, dp), "on": on, "unguarded": unguarded}
+    return {"head": ict, "uv": uv256, "src": src, "pred": (pred.A, pred.delta_p_canonical)}
+
+
+def source_view_psnr(f: dict, A: torch.Tensor, dp: torch.Tensor) -> float:
+    """PSNR (dB) of the avatar's render from ``f``'s source camera against the source on white, at 128 px."""
+    from pipelines.refine import on_white
+
+    head, src = f["head"], f["src"]
+    target = on_white(src.image[None], src.matte[None])[0]
+    with torch.no_grad():
+        r = render_rig(AvatarRig(head, f["uv"], A, src.params.shape, dp), head(src.params), src.c2w[None],
+                       src.K[None], 128, backend="torch")
+    return float(-10 * torch.log10((r.rgb[0] - target).pow(2).mean()))
+
+
+@pytest.fixture(scope="module")
+def ict_network_avatar(tmp_path_factory):
+    """The shipped weights' prediction of the sample portrait, completed with the defaults and with the source-view
+    guards off (the completion as it was)."""
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "sample_inputs" / "astronaut.jpg"
+    f = network_prediction(sample, tmp_path_factory)
+    A, dp = f["pred"]
+    f["on"] = complete_maps(A, dp, f["src"], f["head"], f["uv"], CompleteConfig(enabled=True, guard_size=128))
+    f["unguarded"] = complete_maps(A, dp, f["src"], f["head"], f["uv"],
+                                   CompleteConfig(enabled=True, guard_passes=0, guard_pixel_passes=0))
+    return f
 
 
 def test_completion_keeps_the_source_view_of_the_ict_network_avatar(ict_network_avatar):
@@ -240,23 +268,18 @@ def test_completion_keeps_the_source_view_of_the_ict_network_avatar(ict_network_
     prediction's (measured at 128 px: 19.71 -> 19.63; the completion without its source-view guard: 14.97), while
     the back of the head still turns from the network's pale shell to the visible hair's colour."""
     from pipelines.avatar.complete import image_hair_region
-    from pipelines.refine import on_white
 
     f = ict_network_avatar
     head, uv, src = f["head"], f["uv"], f["src"]
-    target = on_white(src.image[None], src.matte[None])[0]
 
     def render(A, dp, c2w, size=128):
         with torch.no_grad():
             return render_rig(AvatarRig(head, uv, A, src.params.shape, dp), head(src.params), c2w[None],
                               src.K[None], size, backend="torch")
 
-    def source_psnr(A, dp) -> float:
-        return float(-10 * torch.log10((render(A, dp, src.c2w).rgb[0] - target).pow(2).mean()))
-
-    pred = source_psnr(*f["pred"])
-    assert source_psnr(*f["unguarded"][:2]) < pred - 2.0  # the defect, still there without the guard
-    assert source_psnr(*f["on"][:2]) > pred - 0.15
+    pred = source_view_psnr(f, *f["pred"])
+    assert source_view_psnr(f, *f["unguarded"][:2]) < pred - 2.0  # the defect, still there without the guards
+    assert source_view_psnr(f, *f["on"][:2]) > pred - 0.15
     assert f["on"][2]["filled"] > 1000 and sum(f["on"][2]["guard_restored"].values()) > 0
     # Seen from behind, the head's colour gets closer to the photo's hair (mean over the head above the ears' height:
     # the upper half of the 180° view).
@@ -273,6 +296,27 @@ def test_completion_keeps_the_source_view_of_the_ict_network_avatar(ict_network_
 
     before, after = back_distance(*f["pred"]), back_distance(*f["on"][:2])
     assert after < 0.6 * before, (before, after)
+
+
+@pytest.mark.shared
+def test_pixel_guard_keeps_the_source_view_where_the_first_order_guard_does_not(tmp_path_factory):
+    """Issue 18's "the source-view numbers do not get worse", on a real clip (lp_d0, frame 0, shipped weights): the
+    first-order guard alone left the completed avatar's source view 1.6 dB below the prediction's (measured at 128 px:
+    25.35 -> 23.72 dB; its error 66 above the prediction's 142, i.e. +47 %): a floored or moved Gaussian that now
+    covers the face, which a first-order test per texel cannot see. The pixel guard blames the worsened pixels on the
+    changed texels that paint them (in both renders) and restores those: 25.38 dB, excess 0.02."""
+    clip = Path(__file__).resolve().parents[2] / "shared" / "data" / "clips" / "lp_d0.mp4"
+    if not clip.is_file():
+        pytest.skip("shared data absent")
+    f = network_prediction(clip, tmp_path_factory)
+    A, dp = f["pred"]
+    cfg = CompleteConfig(enabled=True, guard_size=128)
+    done, done_dp, info = complete_maps(A, dp, f["src"], f["head"], f["uv"], cfg)
+    g = info["guard_pixels"]
+    assert g["excess_before"] > 0.2 * g["prediction_error"]  # the defect the first-order guard leaves
+    assert g["excess_left"] <= cfg.guard_budget * g["prediction_error"] and g["restored"] > 0
+    assert source_view_psnr(f, done, done_dp) > source_view_psnr(f, A, dp) - 0.05
+    assert info["filled"] > 1000  # the completion itself still happened
 
 
 # ------------------------------------------------------------------------------ keep_neck (ICT head, synthetic source)

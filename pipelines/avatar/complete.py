@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from ..head.base import REGIONS, HeadModel
 from ..uv.raster import rasterize_uv
 from ..uv.space import UVSpace
-from .binding import posed_to_canonical_offsets
+from .binding import AvatarRig, posed_to_canonical_offsets
 from .maps import ATTRIBUTE_SLICES
 
 SKIN_REGIONS = ("face", "ears", "neck", "other")  # "other": the embedded head's ring around the ears
@@ -93,6 +93,11 @@ class CompleteConfig:
     guard_passes: int = 12
     guard_budget: float = 0.01  # first-order source-view error the completion may add (fraction of the prediction's)
     guard_size: int = 256  # pixels a side of those source-view renders
+    # The first-order test misses what opaque layers hide from each other (a floored Gaussian that now covers the
+    # face). Then the render itself decides: pixels the completion made worse blame the completed texels that paint
+    # them (their blending weight there), and the most-blamed texels get the whole prediction back until the source
+    # view's actual error is within guard_budget of the prediction's; this many re-renders (0: no check).
+    guard_pixel_passes: int = 6
 
     def __str__(self) -> str:  # what `fhavatar reconstruct --help` shows as the default of --complete/--no-complete
         return "on" if self.enabled else "off"
@@ -104,7 +109,8 @@ class CompleteConfig:
                   "opacity_floor": 0 <= self.opacity_floor < 1, "scale_floor": self.scale_floor >= 0,
                   "floor_reach": self.floor_reach >= 0, "keep_lifted_below_ears": self.keep_lifted_below_ears >= 0, "grazing_cos": 0 <= self.grazing_cos < 1, "hair_tolerance": self.hair_tolerance > 0,
                   "gutter": self.gutter >= 0, "guard_budget": self.guard_budget >= 0,
-                  "guard_passes": self.guard_passes >= 0, "guard_size": self.guard_size >= 16}
+                  "guard_passes": self.guard_passes >= 0,
+                  "guard_pixel_passes": self.guard_pixel_passes >= 0, "guard_size": self.guard_size >= 16}
         bad = [k for k, ok in ranges.items() if not ok]
         if bad:
             raise ConfigError(f"completion settings out of range: {', '.join(bad)}",
@@ -488,6 +494,8 @@ def complete_maps(maps: torch.Tensor, delta_p: torch.Tensor, source, head: HeadM
         volume[tv.rows[moved], tv.cols[moved]] = True
         maps, delta_p = _guard_source_view(maps, delta_p, pred_maps, pred_dp, source, head, uv, cfg, info,
                                            keep_position=volume)
+    if cfg.guard_pixel_passes:
+        maps, delta_p = _guard_source_pixels(maps, delta_p, pred_maps, pred_dp, source, head, uv, cfg, info)
     maps = fill_gutter(maps, valid, cfg.gutter)
     delta_p = fill_gutter(delta_p, valid, cfg.gutter)
     return maps, delta_p, info
@@ -554,9 +562,81 @@ def _guard_source_view(maps: torch.Tensor, delta_p: torch.Tensor, pred_maps: tor
         maps[:, ATTRIBUTE_SLICES["offset"]] = torch.where(pos, pred_maps[:, ATTRIBUTE_SLICES["offset"]],
                                                           maps[:, ATTRIBUTE_SLICES["offset"]])
         delta_p = torch.where(pos, pred_dp, delta_p)
-        restored += back.flatten(1).sum(1)
+        restored += back.flatten(1).sum(1).cpu()
         info.setdefault("guard_passes_restored", []).append(n)
     info["guard_restored"] = dict(zip((*names, "position"), restored.tolist()))
+    return maps, delta_p
+
+
+def _source_view_error(maps: torch.Tensor, delta_p: torch.Tensor, source, head: HeadModel, uv: UVSpace, size: int,
+                       gutter: int, blame: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-pixel squared error (size, size) of the source-view render (both on white), and with ``blame`` (size,
+    size) per-pixel weights, per texel (K, K) the sum over pixels of blame x that texel's blending weight there (the
+    gradient of ``sum(blame * render)`` with respect to its colour, averaged over the channels: the weights of one
+    pixel sum to its alpha, so a texel's blame is its share of the pixels' blame)."""
+    from ..refine import source_target
+    from ..train.forward import render_rig
+
+    target, _ = source_target(source, size)
+    valid = uv.valid.to(maps.device)
+    A = fill_gutter(maps, valid, gutter).detach().clone().requires_grad_(blame is not None)
+    with torch.set_grad_enabled(blame is not None):
+        rig = AvatarRig(head, uv, A, source.params.shape, fill_gutter(delta_p, valid, gutter).detach())
+        r = render_rig(rig, head(source.params).detach(), source.c2w[None], source.K[None], size)
+        err = (r.rgb - target).pow(2).sum(1)[0]
+        if blame is None:
+            return err.detach(), None
+        (g,) = torch.autograd.grad((r.rgb * blame).sum(), [A])
+    return err.detach(), g[0, ATTRIBUTE_SLICES["color"]].mean(0)
+
+
+def _guard_source_pixels(maps: torch.Tensor, delta_p: torch.Tensor, pred_maps: torch.Tensor, pred_dp: torch.Tensor,
+                         source, head: HeadModel, uv: UVSpace, cfg: CompleteConfig, info: dict
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-order check of the source view after ``_guard_source_view``: while the completed avatar's source-view
+    error exceeds the prediction's by more than ``guard_budget`` of it, the pixels it made worse (by how much) blame
+    the changed texels by their blending weight there, in the completed render (a texel that now covers them) and in
+    the prediction's (a texel that painted them and was moved, shrunk or faded away), and the most-blamed texels, as
+    many as the excess needs, get the prediction back (every attribute and Δp); ``guard_pixel_passes`` at most."""
+    valid = uv.valid.to(maps.device)
+    def view(m: torch.Tensor, dp: torch.Tensor, blame: torch.Tensor | None = None):
+        return _source_view_error(m, dp, source, head, uv, cfg.guard_size, cfg.gutter, blame)
+
+    colour_channels = torch.zeros(1, maps.shape[1], 1, 1, dtype=torch.bool, device=maps.device)
+    colour_channels[:, ATTRIBUTE_SLICES["color"]] = True
+    e_pred, _ = view(pred_maps, pred_dp)
+    budget = cfg.guard_budget * float(e_pred.sum())
+    restored, excess, excess_before = 0, 0.0, None
+    for last in [False] * cfg.guard_pixel_passes + [True]:
+        e_done, _ = view(maps, delta_p)
+        excess = float((e_done - e_pred).sum())
+        excess_before = excess if excess_before is None else excess_before
+        changed = ((maps != pred_maps).any(1)[0] | (delta_p != pred_dp).any(1)[0]) & valid
+        if last or excess <= budget or not changed.any():
+            break
+        worse = (e_done - e_pred).clamp_min(0)
+        _, blame_done = view(maps, delta_p, worse)
+        _, blame_pred = view(pred_maps, pred_dp, worse)
+        blame = ((blame_done.clamp_min(0) + blame_pred.clamp_min(0)) * changed).flatten()
+        if float(blame.sum()) <= 0:
+            break
+        # Each worsened pixel's excess is shared among the texels painting it by their weight there. Restore the
+        # most-blamed texels until their shares cover the excess over the budget; what a restored texel hid may
+        # show and be worse in turn, hence the passes.
+        order = torch.argsort(blame, descending=True)
+        n = min(int((torch.cumsum(blame[order], 0) < excess - budget).sum()) + 1, int((blame > 0).sum()))
+        back = torch.zeros_like(blame, dtype=torch.bool)
+        back[order[:n]] = True
+        back = back.view_as(changed)[None, None]
+        # The cheapest undo first: a blamed texel whose geometry changed gets the prediction's geometry back (a hair
+        # volume that overshoots the matte, a floored Gaussian over the face) and keeps its completed colour, which
+        # matters for the views the source does not see; one whose geometry is the prediction's gets its colour.
+        geometry = ((maps != pred_maps) & ~colour_channels).any(1, keepdim=True) | (delta_p != pred_dp).any(1, True)
+        maps = torch.where(back & torch.where(geometry, ~colour_channels, colour_channels), pred_maps, maps)
+        delta_p = torch.where(back & geometry, pred_dp, delta_p)
+        restored += n
+    info["guard_pixels"] = {"restored": restored, "prediction_error": float(e_pred.sum()),
+                            "excess_before": excess_before or 0.0, "excess_left": excess}
     return maps, delta_p
 
 
