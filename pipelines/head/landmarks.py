@@ -8,7 +8,9 @@ subject's right is on the image left). In head-model space the subject's left is
 the frontal reference layout (``pipelines/assets/mediapipe_reference_face.npy``) is aligned to the head's frontal
 face by an axis-aligned affine fit (x/y scale + translation) on a few semantic anchors, then every landmark is
 projected orthographically along -z onto the front-facing surface (the closest hit; the nearest surface point when
-the ray misses). Iris points go onto the eyeballs, all others onto the skin.
+the ray misses). Iris points go onto the eyeballs, all others onto the skin. Optional per-landmark ``offsets``
+(in the head's frontal x/y plane, e.g. fitted to tracked footage by ``pipelines.tracking.landmark_offsets``) move
+the aligned points before the projection, so the corrected points still land on the surface.
 """
 
 from __future__ import annotations
@@ -199,6 +201,7 @@ def build_landmark_embedding(
     anchors: Mapping[int, Sequence[float]] | None = None,
     indices: Sequence[int] | None = None,
     skin_regions: Sequence[str] | None = None,
+    offsets: np.ndarray | None = None,
 ) -> LandmarkEmbedding:
     """Embed MediaPipe landmarks on ``head``'s template surface.
 
@@ -211,6 +214,8 @@ def build_landmark_embedding(
         skin_regions: REGIONS names the non-iris landmarks may land on (default: every triangle but the eyeballs).
             A head with an eye socket or mouth interior behind its openings names its skin here, so an eyelid or
             inner-lip point that falls into an opening goes to the nearest lid or lip margin, not centimetres deep.
+        offsets: (478, 2) shifts (head units) of each aligned landmark in the frontal x/y plane, indexed by
+            MediaPipe index, applied before the projection onto the surface (default: none).
     Returns:
         LandmarkEmbedding with mp_index (L,), faces (L,) and bary (L, 3).
     """
@@ -225,6 +230,11 @@ def build_landmark_embedding(
         raise ValueError("need at least 3 anchor landmarks to align the reference layout")
     idx = np.arange(NUM_LANDMARKS) if indices is None else np.asarray(indices, dtype=np.int64)
     aligned = align_reference(reference, anchors)[idx]
+    if offsets is not None:
+        offsets = np.asarray(offsets, dtype=np.float64)
+        if offsets.shape != (NUM_LANDMARKS, 2):
+            raise ValueError(f"landmark offsets must have shape (478, 2), got {offsets.shape}")
+        aligned[:, :2] += offsets[idx]
     verts = head.v_template.detach().cpu().double().numpy()
     faces = head.faces.detach().cpu().numpy()
     region = head.face_region.detach().cpu().numpy()

@@ -17,11 +17,14 @@ What our code adds to ICT's numbers (``weights/ict_facekit/ict_head.npz``, see `
 * **Landmarks**: MediaPipe's 478 points embedded on the template by aligning our MediaPipe reference face
   (``pipelines/assets``) to ICT's own 68 iBUG landmark vertices (their MediaPipe indices from ``MEDIAPIPE_TO_IBUG68``)
   and projecting onto the surface; ICT's 68 landmark vertices themselves serve ``--landmarks dlib|fan`` exactly.
+  By default (``IctHeadConfig.fitted_landmarks``) each aligned point is first moved by a per-landmark offset fitted
+  to tracked training footage (``pipelines/assets/ict_landmark_offsets.npy``, ``tools/fit_landmark_offsets.py``):
+  the hand-aligned reference layout misplaces some points on ICT's surface by millimetres (docs/HEAD_MODELS.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,12 +59,26 @@ DENSITY = {"face_front": 1.0, "face_ring": 0.7, "back": 0.5, "teeth": 0.75, "eye
            "socket": 0.3, "ear_canal": 0.3}
 
 
+OFFSETS_FILE = Path(__file__).resolve().parents[2] / "assets" / "ict_landmark_offsets.npy"
+
+
 @dataclass(frozen=True)
 class IctHeadConfig:
     """ICT head options. n_shape: identity components used (of 100; see docs/HEAD_MODELS.md for the measurement)."""
 
     n_shape: int = 100
     uv_resolution: int = 256  # the K the atlas' gaps between islands are sized for
+    # MediaPipe landmarks embedded with the data-fitted per-landmark offsets (``OFFSETS_FILE``); False: the plain
+    # reference alignment (what the offsets are fitted from). Only the landmark embedding depends on it.
+    fitted_landmarks: bool = True
+
+
+def load_landmark_offsets(path: str | Path = OFFSETS_FILE) -> np.ndarray:
+    """(478, 2) fitted offsets (metres, ICT's frontal x/y plane) of the aligned MediaPipe reference points."""
+    offsets = np.load(path, allow_pickle=False)
+    if offsets.shape != (478, 2) or not np.isfinite(offsets).all():
+        raise ValueError(f"{path}: landmark offsets must be finite with shape (478, 2), got {offsets.shape}")
+    return offsets.astype(np.float64)
 
 
 def _atlas_items(a: IctAsset, mirror: np.ndarray) -> tuple[list[Item], dict[str, np.ndarray]]:
@@ -241,9 +258,10 @@ def build_ict_head(config: IctHeadConfig = IctHeadConfig(), path: str | Path | N
     return out
 
 
-def ict_landmark_embedding(head: "IctHeadModel") -> LandmarkEmbedding:
+def ict_landmark_embedding(head: "IctHeadModel", offsets: np.ndarray | None = None) -> LandmarkEmbedding:
     """MediaPipe's 478 points on the ICT template: our reference face aligned to ICT's 68 iBUG landmark vertices
-    (their MediaPipe indices from ``MEDIAPIPE_TO_IBUG68``) and projected onto the surface."""
+    (their MediaPipe indices from ``MEDIAPIPE_TO_IBUG68``), moved by ``offsets`` ((478, 2) metres in the frontal
+    x/y plane, or None) and projected onto the surface."""
     from ...preprocess.landmarks68 import MEDIAPIPE_TO_IBUG68
     from ..embedded import load_reference_face
     from ..landmarks import build_landmark_embedding
@@ -253,11 +271,16 @@ def ict_landmark_embedding(head: "IctHeadModel") -> LandmarkEmbedding:
     anchors = {int(mp): (float(p[0]), float(p[1])) for mp, p in zip(MEDIAPIPE_TO_IBUG68, lm68)}
     # Skin only: ICT has eye sockets behind the eyeballs, and 11 of each eye's 16 contour points fell through the
     # lid opening onto them, 2.6 cm deep (the tracked lids then opened wide and eye errors tripled under yaw).
-    return build_landmark_embedding(head, load_reference_face(), anchors, skin_regions=("face",))
+    return build_landmark_embedding(head, load_reference_face(), anchors, skin_regions=("face",), offsets=offsets)
+
+
+def _cached(config: IctHeadConfig, path: str | None) -> dict:
+    # The arrays do not depend on fitted_landmarks: one build serves both settings.
+    return _cached_arrays(replace(config, fitted_landmarks=True), path)
 
 
 @lru_cache(maxsize=2)
-def _cached(config: IctHeadConfig, path: str | None) -> dict:
+def _cached_arrays(config: IctHeadConfig, path: str | None) -> dict:
     data = build_ict_head(config, path)
     for v in data.values():
         if isinstance(v, np.ndarray):
@@ -319,8 +342,8 @@ class IctHeadModel(ArrayHeadModel):
         return LandmarkEmbedding(torch.tensor(MEDIAPIPE_TO_IBUG68, dtype=torch.long, device=ids.device), face, bary)
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=4)
 def _cached_embedding(config: IctHeadConfig, path: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     head = IctHeadModel(config, path, with_landmarks=False)
-    emb = ict_landmark_embedding(head)
+    emb = ict_landmark_embedding(head, load_landmark_offsets() if config.fitted_landmarks else None)
     return emb.mp_index.clone(), emb.faces.clone(), emb.bary.clone()
