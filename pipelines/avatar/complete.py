@@ -54,8 +54,9 @@ class CompleteConfig:
 
     # Off by default (docs/BACK_OF_HEAD.md, "The pixel guard"): with both guards the validation split's frontal
     # numbers no longer get worse (frame after the source 25.81 -> 26.12 dB, all frames 19.38 -> 19.66) and ΔE180 on
-    # 37 photos falls 25.0 -> 8.6, but it costs ~70 s per avatar on a 2-core CPU and 7 of 185 photo x angle cells
-    # still have > 1 % holes; the switch (e.g. on for CUDA) waits for make demo to be looked at with it. --complete.
+    # 37 photos falls 25.0 -> 8.6, but it costs ~1.5 min per avatar on a 2-core CPU, 7 of 185 photo x angle cells
+    # still have > 1 % holes, and make demo with it (v5 weights) shows the face and front hair standing clear of the
+    # completed skull at 45-90° (docs/BACK_OF_HEAD.md, status 2026-12-04 later). --complete.
     enabled: bool = False
     hairline_above_eyes: float = 0.045  # metres above the eye centres where the hair cap starts on the face region
     fill_falloff: float = 0.04  # metres over which the diffused seen colours fade into the group's statistic
