@@ -11,14 +11,13 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "compare_evaluations.py"
 
 
 def fake_run(root: Path, clips: dict[str, dict[str, float]], after_source: dict[str, float]) -> Path:
-    """An ``evaluate --out`` folder as the tool reads it: ``eval-self.json`` and each video's ``eval/self.json``."""
-    videos = []
+    """An ``evaluate --out`` folder as the tool reads it: each video's ``<item>/eval/self.json`` record."""
     for name, mean in clips.items():
         item = f"{name}-0123456789"
         (root / item / "eval").mkdir(parents=True)
-        (root / item / "eval" / "self.json").write_text(json.dumps({"per_frame": {"psnr": [after_source[name], 1.0]}}))
-        videos.append({"name": f"{name}.mp4", "item_id": item, "mean": mean})
-    (root / "eval-self.json").write_text(json.dumps({"videos": videos}))
+        record = {"protocol": "self", "item_id": item, "name": f"{name}.mp4", "mean": mean,
+                  "per_frame": {"psnr": [after_source[name], 1.0]}}
+        (root / item / "eval" / "self.json").write_text(json.dumps(record))
     return root
 
 

@@ -3,10 +3,10 @@
 
     python tools/compare_evaluations.py NAME=DIR [NAME=DIR ...] [--protocol self|cross] [--json OUT.json]
 
-DIR: an ``evaluate --out`` folder (its ``eval-<protocol>.json``). Rows: clip x run, then the mean over the clips of
-each run; columns: the metrics the reports share, and for ``self`` the PSNR of the frame after the source (the view
-closest to the source, one frame of motion later). Final lines count, for the first run (the candidate) against
-each other run, on how many clips it is better on each metric (↑ higher / ↓ lower is better).
+DIR: an ``evaluate --out`` folder (its per-video ``<item>/eval/<protocol>.json``). Rows: clip x run, then the mean
+over the clips of each run; columns: the metrics the reports share, and for ``self`` the PSNR of the frame after the
+source (the view closest to the source, one frame of motion later). Final lines count, for the first run (the
+candidate) against each other run, on how many clips it is better on each metric (↑ higher / ↓ lower is better).
 """
 
 from __future__ import annotations
@@ -17,23 +17,26 @@ import math
 import sys
 from pathlib import Path
 
-# Direction of each metric: +1 higher is better, -1 lower is better.
-DIRECTION = {"psnr": 1, "ssim": 1, "lpips": -1, "csim": 1, "akd": -1, "aed": -1, "apd": -1, "after_source_psnr": 1}
-FORMAT = {"ssim": "{:.4f}", "csim": "{:.4f}", "aed": "{:.4f}", "lpips": "{:.4f}"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.evaluate.report import FORMATS, HIGHER_IS_BETTER, load_results  # noqa: E402
+
+# Direction of each metric (+1 higher is better, -1 lower): the evaluation report's, and the frame after the source.
+DIRECTION = {**{m: 1 if higher else -1 for m, higher in HIGHER_IS_BETTER.items()}, "after_source_psnr": 1}
+# The report's number formats; keypoint (px) and pose (degree) errors to two decimals in these side-by-side tables.
+FORMAT = {**FORMATS, "akd": ".2f", "apd": ".2f", "after_source_psnr": ".2f"}
 
 
 def load_run(folder: Path, protocol: str) -> dict[str, dict[str, float]]:
-    """``{clip name: {metric: value}}`` of one evaluate folder; ``after_source_psnr`` from each video's frames."""
-    report = json.loads((folder / f"eval-{protocol}.json").read_text())
+    """``{clip name: {metric: value}}`` of one evaluate folder (its per-video results, as ``evaluate --merge`` reads
+    them); for ``self`` also ``after_source_psnr``, the PSNR of each video's first driven frame."""
     rows: dict[str, dict[str, float]] = {}
-    for video in report["videos"]:
-        values = {k: float(v) for k, v in video["mean"].items() if k in DIRECTION and isinstance(v, (int, float))}
-        per_video = folder / video["item_id"] / "eval" / f"{protocol}.json"
-        if protocol == "self" and per_video.exists():
-            per_frame = json.loads(per_video.read_text())["per_frame"].get("psnr") or []
-            if per_frame:
-                values["after_source_psnr"] = float(per_frame[0])
-        rows[str(video.get("video") or video.get("name"))] = values
+    for record in load_results(folder, protocol):
+        values = {k: float(v) for k, v in record["mean"].items() if k in DIRECTION and isinstance(v, (int, float))}
+        psnr = record.get("per_frame", {}).get("psnr") or []
+        if protocol == "self" and psnr:
+            values["after_source_psnr"] = float(psnr[0])
+        rows[record["name"]] = values
     return rows
 
 
@@ -49,6 +52,8 @@ def main() -> int:
         if not folder:
             parser.error(f"'{spec}' is not NAME=DIR")
         runs[name] = load_run(Path(folder), args.protocol)
+        if not runs[name]:
+            parser.error(f"'{folder}' holds no `fhavatar evaluate --protocol {args.protocol}` results")
     clips = sorted(set.intersection(*(set(r) for r in runs.values())))
     metrics = [m for m in DIRECTION if all(m in runs[n][c] for n in runs for c in clips)]
     arrow = {1: "↑", -1: "↓"}
@@ -56,7 +61,7 @@ def main() -> int:
              "|:--|:--|" + "--:|" * len(metrics)]
 
     def cell(m: str, v: float) -> str:
-        return "inf" if math.isinf(v) else FORMAT.get(m, "{:.2f}").format(v)
+        return "inf" if math.isinf(v) else format(v, FORMAT[m])
 
     for clip in clips:
         for name, run in runs.items():
@@ -69,7 +74,8 @@ def main() -> int:
     lines.append("")
     for other in others:
         wins = {m: sum(DIRECTION[m] * (runs[first][c][m] - runs[other][c][m]) > 0 for c in clips) for m in metrics}
-        lines.append(f"- {first} better than {other} on: " + ", ".join(f"{m} {w}/{len(clips)}" for m, w in wins.items()))
+        counts = ", ".join(f"{m} {w}/{len(clips)}" for m, w in wins.items())
+        lines.append(f"- {first} better than {other} on: {counts}")
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"protocol": args.protocol, "runs": runs, "means": means}, indent=1))
