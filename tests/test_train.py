@@ -27,7 +27,7 @@ from pipelines.train import TrainConfig, load_train_config, train
 from pipelines.train.checkpoint import load_sharded, save_sharded
 from pipelines.train.config import DataConfig, LossConfig
 from pipelines.train.data import Clip, jitter_colors, make_batch, sample_plan
-from pipelines.train.losses import position_tv, shape_hinge, ssim, total_variation
+from pipelines.train.losses import position_tv, shape_hinge, ssim, tangential_slide, total_variation
 from pipelines.train.mirror import HeadMirror, mirror_c2w
 from pipelines.uv.space import UVConfig, build_uv_space
 
@@ -177,6 +177,29 @@ def test_shape_hinge_is_zero_below_epsilon_and_linear_above():
     assert shape_hinge(d, valid, 0.1).item() == pytest.approx(0.03, abs=1e-6)
 
 
+def _sphere_position_map(K: int = 16, radius: float = 0.1) -> torch.Tensor:
+    """(1, 3, K, K) position map of a sphere's band (latitude ±60°, longitude ±90°) on a regular UV grid."""
+    lat = torch.linspace(-1.0, 1.0, K).view(K, 1).expand(K, K)
+    lon = torch.linspace(-1.5, 1.5, K).view(1, K).expand(K, K)
+    return radius * torch.stack([lat.cos() * lon.sin(), lat.sin(), lat.cos() * lon.cos()])[None]
+
+
+def test_tangential_slide_ignores_motion_along_the_normal_and_counts_sliding_beyond_epsilon():
+    p = _sphere_position_map()
+    valid = torch.ones(1, 1, 16, 16)
+    radial = torch.nn.functional.normalize(p, dim=1)
+    assert tangential_slide(0.04 * radial, p, valid, 0.005).item() == pytest.approx(0.0, abs=1e-4)  # 4 cm outwards
+    # 2 cm along the surface's latitude direction (tangent everywhere): 2 - 0.5 cm beyond ε at every texel
+    east = torch.stack([torch.cos(torch.linspace(-1.5, 1.5, 16)).view(1, 16).expand(16, 16),
+                        torch.zeros(16, 16), -torch.sin(torch.linspace(-1.5, 1.5, 16)).view(1, 16).expand(16, 16)])[None]
+    assert tangential_slide(0.02 * east, p, valid, 0.005).item() == pytest.approx(0.015, rel=0.02)
+    assert tangential_slide(0.004 * east, p, valid, 0.005).item() == 0.0
+    valid[..., :8, :] = 0  # invalid texels do not count, also when they slide far
+    d = 0.004 * east
+    d[..., :8, :] = 1.0
+    assert tangential_slide(d, p, valid, 0.005).item() == 0.0
+
+
 def test_total_variation_respects_mask():
     x = torch.zeros(1, 1, 4, 4)
     x[..., :, 2:] = 1.0  # an edge between columns 1 and 2
@@ -318,6 +341,7 @@ def test_three_steps_log_finite_losses_and_write_outputs(dataset, head, tmp_path
         for k in ("total", "l1", "perceptual", "alpha", "aux_perceptual", "aux_alpha", "3d", "eye", "pos", "shape",
                   "shape_tv", "grad_norm"):
             assert math.isfinite(float(r[k])), (k, r[k])
+        assert float(r["slide"]) == 0.0  # not in the paper: off unless loss.lambda_slide asks for it
     assert float(rows[0]["3d"]) == 0.0 and float(rows[1]["3d"]) > 0.0  # L_3d switched on at step 1 (= 7500 / 7500)
     val = read_csv(tmp_path / "run" / "val.csv")
     assert {(r["method"], int(r["step"])) for r in val} == {("baseline", 0), ("untrained", 0), ("network", 3)}
@@ -328,6 +352,15 @@ def test_three_steps_log_finite_losses_and_write_outputs(dataset, head, tmp_path
 
     net = load_network(tmp_path / "run" / "fhavatar.safetensors")
     assert net.config.uv_size == 32
+
+
+def test_slide_term_is_logged_when_switched_on(dataset, head, tmp_path, cache_env):
+    cfg = tiny_config()
+    cfg.loss.lambda_slide, cfg.loss.slide_epsilon = 1.0, 0.0
+    train(cfg, [dataset], tmp_path / "run", head=head, stop_at_step=2)
+    first, second = read_csv(tmp_path / "run" / "train_log.csv")
+    assert float(first["slide"]) == 0.0  # the refinement UNet starts at Δp = 0
+    assert 0.0 < float(second["slide"]) < 0.1  # one step later Δp slides a little (metres), never decimetres
 
 
 def test_shared_prediction_path_leaves_the_training_numbers_unchanged(dataset, head, tmp_path, cache_env):

@@ -45,6 +45,13 @@ class LossConfig:
     id_max_angle: float = 30.0  # "frontal": the face's forward axis within this many degrees of the camera
     lambda_aux: float = 0.5  # λ^1: weight of the auxiliary branch's losses on I_o^1 and I_α^1
     epsilon: float = 0.1  # ε of L_shape (metres, the head model's unit)
+    # Ours, not the paper's (0 = off): λ_slide max(||Δp_t|| - slide_epsilon, 0), Δp_t the part of Δp tangent to the
+    # source mesh. Eq. 7's ε of 10 cm lets the network slide texels along the surface: on the ICT head the v5 weights
+    # move the face region's texels 2.1 cm tangentially (median; 5.5 cm p90) to paint hair and clothes, and a texel
+    # animates with the triangle it is bound to, so the smile's lips and teeth are painted by cheek and chin texels
+    # that do not open. Moving along the normal (the hair volume Δp is for) stays free.
+    lambda_slide: float = 0.0
+    slide_epsilon: float = 0.005  # metres of tangential slide that cost nothing
     lambda_l1: float = 1.0  # L_re = L1 + LPIPS
     lambda_lpips: float = 1.0
     lambda_alpha: float = 1.0
@@ -158,6 +165,7 @@ class TrainConfig:
             "eye": L.lambda_eye if late else 0.0,
             "pos": L.lambda_pos,
             "shape": L.lambda_shape,
+            "slide": L.lambda_slide,
             "shape_tv": L.lambda_shape_tv if late else 0.0,
         }
 

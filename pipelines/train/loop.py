@@ -60,10 +60,10 @@ from .plot import plot_losses, read_log
 from .validate import comparison_grid, validate_baseline, validate_network
 
 LOSS_TERMS = ("l1", "perceptual", "alpha", "id", "aux_perceptual", "aux_alpha", "3d", "eye", "pos", "shape",
-              "shape_tv")
+              "shape_tv", "slide")
 LOG_COLUMNS = ("step", "lr", "total", *LOSS_TERMS, "grad_norm", "sec_per_step")
 VAL_COLUMNS = ("step", "clip", "method", "psnr", "ssim", "coverage", "iou", "frames")
-PLOT_TERMS = ["total", "l1", "perceptual", "alpha", "id", "aux_perceptual", "3d", "eye", "pos", "shape_tv"]
+PLOT_TERMS = ["total", "l1", "perceptual", "alpha", "id", "aux_perceptual", "3d", "eye", "pos", "shape_tv", "slide"]
 
 Progress = Callable[[int, int, dict], None] | None
 
@@ -311,7 +311,7 @@ def train(
         face = face_geometry(head, verts_t, batch.tgt_c2w, batch.K, size, cfg.loss) if weights["id"] > 0 else None
         total, terms = compute_losses(main.rgb, main.alpha, target, matte, cfg.loss, weights, pred.A, pred.delta_p,
                                       valid, eye_mask, i3d=main.positions, rgb_aux=aux.rgb, alpha_aux=aux.alpha,
-                                      face=face)
+                                      face=face, p_source=pred.out.p_r - pred.delta_p)
         finite = bool(torch.isfinite(total))
         if any_rank([not finite], dinfo, device)[0]:  # every rank raises, none waits in the all-reduce
             where = "" if finite else f": { {k: float(v) for k, v in terms.items()} }"

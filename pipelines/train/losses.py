@@ -27,6 +27,8 @@ Terms, each returned (unweighted) under its own name so that every one is logged
 * ``pos``: L_pos = ||A_position||_2, mean over valid texels (metres).
 * ``shape`` (eq. 7): max(||Δp_uv||_2 - ε, 0), mean over valid texels.
 * ``shape_tv`` (eq. 8): TV(Δp_uv) over valid neighbouring texels.
+* ``slide`` (ours, ``LossConfig.lambda_slide``; 0 in the paper's setting): max(||Δp_t||_2 - ε_slide, 0), mean over
+  valid texels, Δp_t = Δp - (Δp·n) n the part of Δp tangent to the source mesh (n: the position map's UV normals).
 
 TV is the mean absolute difference between horizontally and vertically neighbouring pixels/texels (both counted
 only where both neighbours are inside the given mask), averaged over channels.
@@ -323,6 +325,18 @@ def shape_hinge(delta_p: torch.Tensor, valid: torch.Tensor, epsilon: float) -> t
     return (h * v).sum() / v.sum().clamp_min(1.0)
 
 
+def tangential_slide(delta_p: torch.Tensor, p: torch.Tensor, valid: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """L_slide: mean over valid texels of max(||Δp_t||_2 - ε, 0), Δp_t the component of Δp tangent to the surface of
+    the position map p; delta_p, p (B, 3, K, K) metres, valid (1 or B, 1, K, K). p carries no gradient."""
+    from ..network.local import uv_normals
+
+    v = valid.to(delta_p.dtype).expand(delta_p.shape[0], 1, -1, -1)
+    n = F.normalize(uv_normals(p.detach().to(delta_p.dtype), v), dim=1)
+    tangential = delta_p - (delta_p * n).sum(1, keepdim=True) * n
+    h = F.relu(tangential.norm(dim=1, keepdim=True) - epsilon)
+    return (h * v).sum() / v.sum().clamp_min(1.0)
+
+
 def offset_norm(offset: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """L_pos: mean over valid texels of ||A_position||_2; offset (B, 3, K, K)."""
     v = valid.to(offset.dtype).expand(offset.shape[0], 1, -1, -1)
@@ -345,12 +359,14 @@ def compute_losses(
     rgb_aux: torch.Tensor | None = None,
     alpha_aux: torch.Tensor | None = None,
     face: FaceGeometry | None = None,
+    p_source: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted total and every unweighted term (detached) by name.
 
     rgb, target, rgb_aux, i3d: (B, 3, H, W); alpha, matte, alpha_aux: (B, 1, H, W); A: (B, 14, K, K) activated
     attribute maps; delta_p: (B, 3, K, K); valid, eye_mask: (1, 1, K, K); face: the targets' face geometry for L_id
-    (:func:`face_geometry`; None: no L_id). Terms whose weight is 0 are skipped (not computed, logged as 0) so that
+    (:func:`face_geometry`; None: no L_id); p_source (B, 3, K, K): the posed source position map Δp is added to (its
+    normals split Δp for ``slide``; None: no slide term). Terms whose weight is 0 are skipped (not computed, logged as 0) so that
     late regularisers cost nothing before their milestone.
     """
     terms: dict[str, torch.Tensor] = {}
@@ -384,6 +400,8 @@ def compute_losses(
     add("pos", weights["pos"], lambda: offset_norm(A[:, ATTRIBUTE_SLICES["offset"]], valid))
     add("shape", weights["shape"], lambda: shape_hinge(delta_p, valid, cfg.epsilon))
     add("shape_tv", weights["shape_tv"], lambda: total_variation(delta_p, valid))
+    add("slide", weights.get("slide", 0.0) if p_source is not None else 0.0,
+        lambda: tangential_slide(delta_p, p_source, valid, cfg.slide_epsilon))
     terms["total"] = total.detach()
     return total, terms
 
