@@ -98,6 +98,22 @@ def test_shipped_weights_beat_unproject_on_the_sample_portrait(head, source, uv2
     assert net > base + 2.0, (net, base)
 
 
+def test_shipped_weights_keep_the_face_texels_where_they_animate(head, source, uv256, shipped):
+    """A Gaussian animates with the triangle its texel is bound to, so the shape offsets must not slide the face's
+    texels along the surface (issue 14: the v5 weights slid them 18 mm in the median on this portrait, and a smile's
+    lips and teeth were painted by cheek and chin texels). Median tangential part of Δp over the face region < 5 mm,
+    over the mouth and teeth < 2 mm."""
+    from pipelines.network.inference import network_inputs
+    from pipelines.network.local import uv_normals
+
+    p = network_inputs(head, uv256, source.params, source.c2w[None])["p"]
+    n = F.normalize(uv_normals(p, uv256.valid[None, None].float()), dim=1)
+    dp = shipped.delta_p
+    tangential = (dp - (dp * n).sum(1, keepdim=True) * n).norm(dim=1)[0]
+    assert float(tangential[uv256.region_mask("face")].median()) < 0.005
+    assert float(tangential[uv256.region_mask("mouth", "teeth")].median()) < 0.002
+
+
 @pytest.fixture(scope="module")
 def fitted(head, source, uv64, shipped):
     """The shipped network's avatar of the sample portrait (pooled to K = 64), before and after STEPS steps."""
@@ -144,11 +160,12 @@ def test_reconstruct_refines_a_network_avatar_instead_of_failing(head, source):
 
 
 # --------------------------------------------------------------------------------------------- the design
-def test_refinement_fits_the_source_view_by_5_db(fitted):
-    """20 steps at 64 px lift the source-view PSNR of the shipped network's avatar by more than 5 dB (measured on
-    the v2 weights' K = 64 pooling: 9.67 -> 15.64 dB; 15.30 with unseen texels left to the proximity term)."""
+def test_refinement_fits_the_source_view_by_4_db(fitted):
+    """20 steps at 64 px lift the source-view PSNR of the shipped network's avatar by more than 4 dB, to above 14 dB
+    (the K = 64 pooling; measured on the v2 weights: 9.67 -> 15.64 dB, 15.30 with unseen texels left to the
+    proximity term; on v6, whose face texels no longer slide to where the photo needs them: 10.39 -> 15.02 dB)."""
     rep = fitted["report"]
-    assert rep["source_psnr_after"] > rep["source_psnr_before"] + 5.0
+    assert rep["source_psnr_after"] > rep["source_psnr_before"] + 4.0 and rep["source_psnr_after"] > 14.0
     assert [c[0] for c in fitted["calls"]] == [1] * STEPS and fitted["calls"][-1][1]["total"] == STEPS
     assert "dB" in fitted["calls"][-1][1]["status"]
     A = split_attributes(fitted["A"])
