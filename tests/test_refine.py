@@ -104,12 +104,10 @@ def test_shipped_weights_keep_the_face_texels_where_they_animate(head, source, u
     lips and teeth were painted by cheek and chin texels). Median tangential part of Δp over the face region < 5 mm,
     over the mouth and teeth < 2 mm."""
     from pipelines.network.inference import network_inputs
-    from pipelines.network.local import uv_normals
+    from pipelines.train.losses import tangential_offsets
 
     p = network_inputs(head, uv256, source.params, source.c2w[None])["p"]
-    n = F.normalize(uv_normals(p, uv256.valid[None, None].float()), dim=1)
-    dp = shipped.delta_p
-    tangential = (dp - (dp * n).sum(1, keepdim=True) * n).norm(dim=1)[0]
+    tangential = tangential_offsets(shipped.delta_p, p, uv256.valid[None, None]).norm(dim=1)[0]
     assert float(tangential[uv256.region_mask("face")].median()) < 0.005
     assert float(tangential[uv256.region_mask("mouth", "teeth")].median()) < 0.002
 

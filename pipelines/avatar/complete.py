@@ -575,19 +575,18 @@ def _guard_source_view(maps: torch.Tensor, delta_p: torch.Tensor, pred_maps: tor
 
 
 def _source_view_error(maps: torch.Tensor, delta_p: torch.Tensor, source, head: HeadModel, uv: UVSpace, size: int,
-                       gutter: int, blame: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-pixel squared error (size, size) of the source-view render (both on white), and with ``blame`` (size,
-    size) per-pixel weights, per texel (K, K) the sum over pixels of blame x that texel's blending weight there (the
-    gradient of ``sum(blame * render)`` with respect to its colour, averaged over the channels: the weights of one
-    pixel sum to its alpha, so a texel's blame is its share of the pixels' blame)."""
+                       blame: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-pixel squared error (size, size) of the source-view render of the maps as given (no gutter added; both on
+    white), and with ``blame`` (size, size) per-pixel weights, per texel (K, K) the sum over pixels of blame x that
+    texel's blending weight there (the gradient of ``sum(blame * render)`` with respect to its colour, averaged over
+    the channels: the weights of one pixel sum to its alpha, so a texel's blame is its share of the pixels' blame)."""
     from ..refine import source_target
     from ..train.forward import render_rig
 
     target, _ = source_target(source, size)
-    valid = uv.valid.to(maps.device)
-    A = fill_gutter(maps, valid, gutter).detach().clone().requires_grad_(blame is not None)
+    A = maps.detach().clone().requires_grad_(blame is not None)
     with torch.set_grad_enabled(blame is not None):
-        rig = AvatarRig(head, uv, A, source.params.shape, fill_gutter(delta_p, valid, gutter).detach())
+        rig = AvatarRig(head, uv, A, source.params.shape, delta_p.detach())
         r = render_rig(rig, head(source.params).detach(), source.c2w[None], source.K[None], size)
         err = (r.rgb - target).pow(2).sum(1)[0]
         if blame is None:
@@ -607,7 +606,7 @@ def _guard_source_pixels(maps: torch.Tensor, delta_p: torch.Tensor, pred_maps: t
     # No gutter added here: ``maps`` has it already, and the reference is the prediction as it would render without
     # completion. A changed texel may be a valid one or a gutter one.
     def view(m: torch.Tensor, dp: torch.Tensor, blame: torch.Tensor | None = None):
-        return _source_view_error(m, dp, source, head, uv, cfg.guard_size, 0, blame)
+        return _source_view_error(m, dp, source, head, uv, cfg.guard_size, blame)
 
     colour_channels = torch.zeros(1, maps.shape[1], 1, 1, dtype=torch.bool, device=maps.device)
     colour_channels[:, ATTRIBUTE_SLICES["color"]] = True

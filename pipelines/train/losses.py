@@ -325,15 +325,22 @@ def shape_hinge(delta_p: torch.Tensor, valid: torch.Tensor, epsilon: float) -> t
     return (h * v).sum() / v.sum().clamp_min(1.0)
 
 
-def tangential_slide(delta_p: torch.Tensor, p: torch.Tensor, valid: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """L_slide: mean over valid texels of max(||Δp_t||_2 - ε, 0), Δp_t the component of Δp tangent to the surface of
-    the position map p; delta_p, p (B, 3, K, K) metres, valid (1 or B, 1, K, K). p carries no gradient."""
+def tangential_offsets(delta_p: torch.Tensor, p: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Δp_t = Δp - (Δp·n) n (B, 3, K, K): the part of the shape offsets delta_p (B, 3, K, K) tangent to the surface of
+    the position map p (B, 3, K, K), n its UV normals (``network.local.uv_normals``); valid (1 or B, 1, K, K).
+    p carries no gradient."""
     from ..network.local import uv_normals
 
     v = valid.to(delta_p.dtype).expand(delta_p.shape[0], 1, -1, -1)
     n = F.normalize(uv_normals(p.detach().to(delta_p.dtype), v), dim=1)
-    tangential = delta_p - (delta_p * n).sum(1, keepdim=True) * n
-    h = F.relu(tangential.norm(dim=1, keepdim=True) - epsilon)
+    return delta_p - (delta_p * n).sum(1, keepdim=True) * n
+
+
+def tangential_slide(delta_p: torch.Tensor, p: torch.Tensor, valid: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """L_slide: mean over valid texels of max(||Δp_t||_2 - ε, 0) (:func:`tangential_offsets`); delta_p, p (B, 3, K, K)
+    metres, valid (1 or B, 1, K, K)."""
+    v = valid.to(delta_p.dtype).expand(delta_p.shape[0], 1, -1, -1)
+    h = F.relu(tangential_offsets(delta_p, p, valid).norm(dim=1, keepdim=True) - epsilon)
     return (h * v).sum() / v.sum().clamp_min(1.0)
 
 
@@ -400,7 +407,7 @@ def compute_losses(
     add("pos", weights["pos"], lambda: offset_norm(A[:, ATTRIBUTE_SLICES["offset"]], valid))
     add("shape", weights["shape"], lambda: shape_hinge(delta_p, valid, cfg.epsilon))
     add("shape_tv", weights["shape_tv"], lambda: total_variation(delta_p, valid))
-    add("slide", weights.get("slide", 0.0) if p_source is not None else 0.0,
+    add("slide", weights["slide"] if p_source is not None else 0.0,
         lambda: tangential_slide(delta_p, p_source, valid, cfg.slide_epsilon))
     terms["total"] = total.detach()
     return total, terms
