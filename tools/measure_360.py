@@ -99,6 +99,15 @@ def ear_bottom_row(head, verts: torch.Tensor, w2c: torch.Tensor, K: torch.Tensor
     return float(uv[0, :, 1].max()) * size
 
 
+def source_view_target(frame) -> np.ndarray:
+    """(H, W, 3) float64: what a render of ``frame``'s view is scored against, the photo on white as the product and
+    the pixel guard see it (``refine.source_target``). ``frame.image`` is already composited on the preprocess
+    background, so compositing it on white again with the matte would brighten every soft-matte rim pixel."""
+    from pipelines.refine import source_target
+
+    return source_target(frame, frame.image.shape[-1])[0][0].permute(1, 2, 0).cpu().numpy().astype(np.float64)
+
+
 def measure_photo(name: str, pp: Path, head, uv, rcfg, net, yaws, size, erode, close, backend, device) -> dict:
     from scipy.ndimage import binary_closing, binary_erosion, binary_fill_holes
 
@@ -125,7 +134,7 @@ def measure_photo(name: str, pp: Path, head, uv, rcfg, net, yaws, size, erode, c
         ref.append(binary_erosion(m, iterations=erode) if erode else m)
         rows.append(ear_bottom_row(head, verts, w2c, cams.K[b].to(device), size))
     src_cam = Camera(source.K[None].cpu(), source.c2w[None].cpu())
-    gt = img * source.matte[0, ..., None].cpu().numpy() + (1 - source.matte[0, ..., None].cpu().numpy())
+    gt = source_view_target(source)
     matte = source.matte[0].cpu().numpy() > 0.5
     out = {"photo": name, "hair_pixels": int(hair.sum()),
            "hair_rgb": [round(float(c), 4) for c in img[hair].mean(0)] if hair.sum() else None}
@@ -182,7 +191,7 @@ def measure_clip(name: str, pp: Path, head, uv, rcfg, net, frames: int, backend,
         for t in targets:
             rgb, _ = render(rig, t.params, Camera(t.K[None].cpu(), t.c2w[None].cpu()), t.image.shape[-1], backend)
             m = t.matte[0, ..., None].cpu().numpy()
-            gt = t.image.permute(1, 2, 0).cpu().numpy() * m + (1 - m)
+            gt = source_view_target(t)
             psnrs.append(float(-10 * np.log10(max(((rgb[0] - gt) ** 2)[m[..., 0] > 0.5].mean(), 1e-12))))
         out[cond] = {"source_psnr": round(psnrs[0], 3), "later_psnr": round(float(np.mean(psnrs[1:])), 3)}
     return out
@@ -324,7 +333,8 @@ def main(argv=None) -> int:
         clips.append(measure_clip(c.name, pp, head, uv, rcfg, net, a.clip_frames, a.renderer, a.device))
         print(json.dumps(clips[-1]), flush=True)
     header = (f"measure_360: --method {a.method} --head-model {a.head_model}, {len(results)} photos, "
-              f"{a.size}² renders, K = {rcfg.uv_size}")
+              f"{a.size}² renders, K = {rcfg.uv_size}"
+              + (f", after with --complete-set {' '.join(a.complete_set)}" if a.complete_set else ""))
     (a.out / "measure_360.json").write_text(json.dumps({"settings": vars(a) | {"out": str(a.out)}, "photos": results,
                                                         "clips": clips}, indent=1, default=str))
     (a.out / "measure_360.md").write_text(markdown(results, clips, yaws, header))
