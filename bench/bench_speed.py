@@ -70,6 +70,7 @@ sys.path.insert(0, str(ROOT))
 from pipelines.avatar.artifact import Avatar, save_avatar  # noqa: E402
 from pipelines.avatar.binding import AvatarRig, Gaussians, PoseGraph  # noqa: E402
 from pipelines.avatar.maps import template_maps  # noqa: E402
+from pipelines.avatar.skinning import SkinningConfig  # noqa: E402
 from pipelines.core.camera import (  # noqa: E402
     DEFAULT_RADIUS,
     Camera,
@@ -236,8 +237,13 @@ def uv_config(cfg: "Settings", uv_size: int | None = None) -> UVConfig:
                     include_vertices=cfg.uv_vertices)
 
 
-def make_rig(head: HeadModel, uv: UVConfig, device: torch.device, rig_cls=AvatarRig, seed: int = 0) -> AvatarRig:
-    """A template avatar with a random identity, random local rotations and small offsets (so no term is zero)."""
+def make_rig(head: HeadModel, uv: UVConfig, device: torch.device, rig_cls=AvatarRig, seed: int = 0,
+             source: HeadParams | None = None) -> AvatarRig:
+    """A template avatar with a random identity, random local rotations and small offsets (so no term is zero).
+
+    With a ``source`` pose it is posed as the product poses a reconstructed avatar (``SkinningConfig``'s defaults),
+    and its head-weighted neck texels are moved 8 cm down onto the chest by their shape offsets, as the network's
+    collar texels are, so that position skinning has Gaussians to re-skin (about 5 % of them; a v6 avatar: 2.5 %)."""
     uv = load_or_build_uv_space(head, uv, device=device)
     g = torch.Generator().manual_seed(seed)
     maps = template_maps(uv.to("cpu"))
@@ -246,7 +252,14 @@ def make_rig(head: HeadModel, uv: UVConfig, device: torch.device, rig_cls=Avatar
                                                  + 0.3 * torch.randn(1, 4, K, K, generator=g), dim=1)
     maps[:, 11:14] = 0.001 * torch.randn(1, 3, K, K, generator=g)
     shape = 0.5 * torch.randn(1, head.n_shape, generator=g)
-    return rig_cls(head, uv, maps.to(device), shape.to(device))
+    if source is None:
+        return rig_cls(head, uv, maps.to(device), shape.to(device))
+    W = head.lbs_weights.to(device)
+    w_texel = (W[head.faces.to(device)[uv.face_index.clamp(min=0)]] * uv.bary[..., None]).sum(-2)  # (K, K, J)
+    collar = uv.valid & uv.region_mask("neck") & (w_texel[..., 0] < 0.5)
+    delta_p = torch.zeros(1, 3, K, K, device=device)
+    delta_p[0, 1, collar] = -0.08
+    return rig_cls(head, uv, maps.to(device), shape.to(device), delta_p, source.to(device), SkinningConfig())
 
 
 def render(g: Gaussians, viewmats, Ks, size: int, bg, backend: str, options: GsplatOptions | None = None):
@@ -299,7 +312,8 @@ class Bench:
         self.base_rig = make_rig(self.head, uv_config(cfg), self.device, self.base_binding.AvatarRig) \
             if self.base_binding else None
         # Rigs the reenact section times: the template, then (prune section) a real avatar, whole and pruned.
-        self.rigs: dict[str, AvatarRig] = {"template": self.rig}
+        self.rigs: dict[str, AvatarRig] = {"template": self.rig, "template_skinned": make_rig(
+            self.head, uv_config(cfg), self.device, source=random_motion(self.head_cpu, 1, seed=2))}
 
     # -------------------------------------------------------------------------------------- correctness
     def checks(self) -> bool:
@@ -322,42 +336,15 @@ class Bench:
                 r = res["pose_vs_baseline"]
                 ok &= r["means_rel"] < TOL["means_rel"] and r["scales_rel"] < TOL["scales_rel"]
                 ok &= r["quats_rel"] < TOL["quats_rel"] and r["opacities_equal"] and r["colors_equal"]
-            if self.rig._use_fused(self.rig.posed_vertices(p)):
-                # The fused Triton kernel (pose_kernel.py) against the PyTorch path it replaces.
-                ref = torch_path_poser(self.rig)(p)
-                res["fused_vs_torch_path"] = {
-                    "means_rel": rel(new.means, ref.means), "scales_rel": rel(new.scales, ref.scales),
-                    "quats_rel": rel(canon_quat(new.quats), canon_quat(ref.quats)),
-                    "max_abs": {k: float((getattr(new, k) - getattr(ref, k)).abs().max())
-                                for k in ("means", "quats", "scales")}}
-                r = res["fused_vs_torch_path"]
-                ok &= r["means_rel"] < TOL["means_rel"] and r["scales_rel"] < TOL["scales_rel"]
-                ok &= r["quats_rel"] < TOL["quats_rel"]
             # posed_vertices == head(params) with the avatar's shape
             pp = p.to_dict()
             pp["shape"] = self.rig.shape.expand(B, -1)
             ref = self.head(HeadParams(**pp))
             res["posed_vertices_rel"] = rel(self.rig.posed_vertices(p), ref)
             ok &= res["posed_vertices_rel"] < TOL["means_rel"]
-            if self.device.type == "cuda":
-                graph = self.rig.pose_graph(B)
-                for t in (graph.out.means, graph.out.quats, graph.out.scales):
-                    t.fill_(float("nan"))  # poison: every element must be rewritten by the replay
-                got = graph(p)
-                per = {k: float((getattr(got, k) - getattr(new, k)).abs().max()) for k in ("means", "quats", "scales")}
-                res["graph_vs_eager_per_attribute"] = per  # which attribute differs, when one does
-                res["graph_vs_eager_max_abs"] = max(per.values())
-                res["graph_all_finite"] = bool(all(torch.isfinite(getattr(got, k)).all()
-                                                   for k in ("means", "quats", "scales")))
-                # cuBLAS picks other kernels for the (expression, skinning) products under graph capture, so the
-                # replay is not bitwise equal to eager posing: float32 rounding, amplified in the frames of ~1 mm
-                # triangles (max |dq| 1.5e-4 on the H200). Held to the relative bounds of the baseline check.
-                rq = rel(canon_quat(got.quats), canon_quat(new.quats))
-                res["graph_vs_eager_rel"] = {"means": rel(got.means, new.means), "scales": rel(got.scales, new.scales),
-                                             "quats": rq}
-                r = res["graph_vs_eager_rel"]
-                ok &= r["means"] < TOL["means_rel"] and r["scales"] < TOL["scales_rel"] and r["quats"] < TOL["quats_rel"]
-                ok &= res["graph_all_finite"]
+            for key, rig in (("", self.rig), ("skinned_", self.rigs["template_skinned"])):
+                # The template as posed bare and as the product poses a reconstructed avatar (position skinning).
+                ok &= self._check_posing(rig, p, res, key)
         if self.base_animate is not None:
             from pipelines.animate import render_sequence
 
@@ -379,17 +366,57 @@ class Bench:
         self.log(f"checks: {'PASS' if ok else 'FAIL'} {json.dumps(res)}")
         return bool(ok)
 
+    def _check_posing(self, rig: AvatarRig, p: HeadParams, res: dict, key: str) -> bool:
+        """The fused kernel against the PyTorch path, and (CUDA) the graph replay against eager posing, for ``rig``;
+        results under ``key`` + name in ``res``."""
+        ok = True
+        new = rig.pose_params(p)
+        if rig.position_skinning is not None:
+            res[key + "reskinned_gaussians"] = len(rig.position_skinning)
+        if rig._use_fused(rig.posed_vertices(p)):
+            # The fused Triton kernel (pose_kernel.py) against the PyTorch path it replaces.
+            ref = torch_path_poser(rig)(p)
+            res[key + "fused_vs_torch_path"] = {
+                "means_rel": rel(new.means, ref.means), "scales_rel": rel(new.scales, ref.scales),
+                "quats_rel": rel(canon_quat(new.quats), canon_quat(ref.quats)),
+                "max_abs": {k: float((getattr(new, k) - getattr(ref, k)).abs().max())
+                            for k in ("means", "quats", "scales")}}
+            r = res[key + "fused_vs_torch_path"]
+            ok &= r["means_rel"] < TOL["means_rel"] and r["scales_rel"] < TOL["scales_rel"]
+            ok &= r["quats_rel"] < TOL["quats_rel"]
+        if self.device.type == "cuda":
+            graph = rig.pose_graph(p.batch)
+            for t in (graph.out.means, graph.out.quats, graph.out.scales):
+                t.fill_(float("nan"))  # poison: every element must be rewritten by the replay
+            got = graph(p)
+            per = {k: float((getattr(got, k) - getattr(new, k)).abs().max()) for k in ("means", "quats", "scales")}
+            res[key + "graph_vs_eager_per_attribute"] = per  # which attribute differs, when one does
+            res[key + "graph_vs_eager_max_abs"] = max(per.values())
+            res[key + "graph_all_finite"] = bool(all(torch.isfinite(getattr(got, k)).all()
+                                                     for k in ("means", "quats", "scales")))
+            # cuBLAS picks other kernels for the (expression, skinning) products under graph capture, so the
+            # replay is not bitwise equal to eager posing: float32 rounding, amplified in the frames of ~1 mm
+            # triangles (max |dq| 1.5e-4 on the H200). Held to the relative bounds of the baseline check.
+            rq = rel(canon_quat(got.quats), canon_quat(new.quats))
+            res[key + "graph_vs_eager_rel"] = {"means": rel(got.means, new.means),
+                                               "scales": rel(got.scales, new.scales), "quats": rq}
+            r = res[key + "graph_vs_eager_rel"]
+            ok &= r["means"] < TOL["means_rel"] and r["scales"] < TOL["scales_rel"] and r["quats"] < TOL["quats_rel"]
+            ok &= res[key + "graph_all_finite"]
+        return bool(ok)
+
     def _check_loop(self, res: dict) -> bool:
         """The product loop (``render_sequence``: on CUDA the pose step on a second stream, two graph slots in turn)
         against plain eager posing and rendering, frame by frame; 3 full batches and a partial one, so both slots
-        are reused and the last batch is posed eagerly."""
+        are reused and the last batch is posed eagerly. On the template as the product poses an avatar (from its
+        source pose, with position skinning)."""
         from pipelines.animate import render_sequence
 
-        cfg = self.cfg
+        cfg, rig = self.cfg, self.rigs["template_skinned"]
         B = max(cfg.batches)
         n = min(3 * B + 1, cfg.motion_frames)
         mp, cams = slice_params(self.motion, 0, n), self.cams[torch.arange(n)]
-        got = list(render_sequence(self.rig, mp, cams, cfg.size, backend=cfg.backend, batch_size=B,
+        got = list(render_sequence(rig, mp, cams, cfg.size, backend=cfg.backend, batch_size=B,
                                    options=self.options))
         vm = world_to_camera(cams.c2w)
         Ks = to_pixel_intrinsics(cams.K, cfg.size, cfg.size)
@@ -397,7 +424,7 @@ class Bench:
         with torch.no_grad():
             for s in range(0, n, B):
                 k = min(B, n - s)
-                out = render(self.rig.pose_params(slice_params(mp, s, k)), vm[s:s + k], Ks[s:s + k], cfg.size,
+                out = render(rig.pose_params(slice_params(mp, s, k)), vm[s:s + k], Ks[s:s + k], cfg.size,
                              torch.ones(k, 3, device=self.device), cfg.backend, self.options)
                 rgb, alpha = _to_host_uint8(out.rgb, out.alpha[..., 0])
                 want += list(zip(rgb, alpha))
@@ -508,8 +535,9 @@ class Bench:
     def stages(self) -> None:
         """Where a frame's time goes, stage by stage (CUDA events between the stages of one call; perf_counter with
         a synchronisation on the CPU), for the last rig of the reenact section (the pruned avatar when there is
-        one): input copies into the graph's buffers, skinning (``posed_vertices``: blendshapes, LBS), Gaussian
-        attribute assembly (``pose``: triangle frames, gathers, means / quats / scales), projection + tile
+        one): input copies into the graph's buffers, skinning (``posed_skeleton``: blendshapes, LBS), Gaussian
+        attribute assembly (``pose``: triangle frames, gathers, means / quats / scales), position skinning of the
+        Gaussians the offsets moved off their triangles (``reskin``), projection + tile
         intersection + sort + rasterization (gsplat's own steps, timed apart, when gsplat is the renderer), and the
         readback to host uint8."""
         cfg, out = self.cfg, {}
@@ -519,7 +547,7 @@ class Bench:
         for B in cfg.batches:
             params, views, bg = self._batch_inputs(B, cfg.size)
             graph = rig.pose_graph(B) if cuda else None
-            names = ["copy_inputs", "skinning", "attributes", "render", "readback"]
+            names = ["copy_inputs", "skinning", "attributes", "reskin", "render", "readback"]
             samples: dict[str, list[float]] = {k: [] for k in names + ["total"]}
             with torch.no_grad():
                 for i in range(cfg.warmup + cfg.reps):
@@ -530,9 +558,11 @@ class Bench:
                             if k != "shape":
                                 buf.copy_(getattr(p, k))
                     marks.append(self._mark())
-                    verts = rig.posed_vertices(p)
+                    verts, E = rig.posed_skeleton(p)
                     marks.append(self._mark())
                     g = rig.pose(verts)
+                    marks.append(self._mark())
+                    g = rig.reskin(g, E)
                     marks.append(self._mark())
                     o = render(g, vm, K, cfg.size, bg, cfg.backend, self.options)
                     marks.append(self._mark())
@@ -686,7 +716,8 @@ class Bench:
             for key, av in (("whole", whole), ("pruned", pruned)):
                 # build_rig's binding, on this run's UV space (the smoke run's is smaller than the product's).
                 rig = AvatarRig(self.head, select_samples(uv, av.keep), av.maps_tensor(self.device),
-                                torch.as_tensor(av.shape, device=self.device), av.delta_p_tensor(self.device))
+                                torch.as_tensor(av.shape, device=self.device), av.delta_p_tensor(self.device),
+                                av.source_head_params(self.device), SkinningConfig())
                 vm = world_to_camera(cams.c2w.to(self.device))
                 Ks = to_pixel_intrinsics(cams.K.to(self.device), size, size)
                 with torch.no_grad():
@@ -1149,7 +1180,8 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "smoke" if args.smoke else "gpu",
         "commit": git_commit(),
         "argv": sys.argv[1:] if argv is None else argv,
-        "files": {p: file_digest(ROOT / p) for p in ("pipelines/avatar/binding.py", "pipelines/animate.py")},
+        "files": {p: file_digest(ROOT / p) for p in ("pipelines/avatar/binding.py", "pipelines/avatar/skinning.py",
+                                                     "pipelines/animate.py")},
         "baseline_files": {p.name: file_digest(p) for p in sorted(args.baseline.glob("*.py"))} if args.baseline else {},
     }
     if not args.smoke:

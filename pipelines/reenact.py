@@ -9,7 +9,7 @@ shape from the avatar.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +19,7 @@ import torch
 from .animate import render_sequence, write_frames
 from .avatar.head import build_rig, head_for_avatar
 from .avatar.artifact import Avatar, load_avatar
+from .avatar.skinning import SkinningConfig
 from .core.camera import Camera, orbit_cameras
 from .errors import ConfigError, InputError
 from .head.base import HeadParams
@@ -36,6 +37,7 @@ class ReenactConfig:
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     max_frames: int = 0  # 0 = all
     batch_size: int = 8
+    skinning: SkinningConfig = field(default_factory=SkinningConfig)
 
     def __post_init__(self) -> None:
         self.background = tuple(float(c) for c in self.background)  # type: ignore[assignment]
@@ -156,7 +158,7 @@ def run_reenact(
     if cfg.max_frames:
         driving = driving.select(slice(0, cfg.max_frames))
     params: HeadParams = transfer_motion(source_tracking(avatar), driving, cfg.motion).to(device)
-    rig = build_rig(avatar, head, device)
+    rig = build_rig(avatar, head, device, cfg.skinning)
     T = params.batch
     target = [float(x) for x in head.head_center().tolist()]
     cams = reenact_cameras(cfg, avatar, driving, target, T)

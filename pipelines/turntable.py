@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +13,7 @@ from .avatar.artifact import load_avatar
 from .core.camera import DEFAULT_RADIUS, Camera, fov_to_focal, normalized_intrinsics, orbit_cameras
 from .animate import render_sequence, write_frames
 from .avatar.head import build_rig, head_for_avatar
+from .avatar.skinning import SkinningConfig
 from .errors import ConfigError
 
 
@@ -28,6 +29,7 @@ class TurntableConfig:
     radius: float = DEFAULT_RADIUS  # metres: PanoHead's framing at our scale (see core/camera.py)
     fov: float = 13.373  # vertical degrees; EG3D/PanoHead's focal 4.2647 (their 18.837 deg is the diagonal)
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    skinning: SkinningConfig = field(default_factory=SkinningConfig)  # torso_follow is 1 here: see run_turntable
     expression: str = "source"  # source | neutral
     batch_size: int = 8
 
@@ -67,7 +69,8 @@ def run_turntable(
     (``expression='source'``) or neutral, with the global head rotation/translation removed so it faces +z."""
     avatar = load_avatar(avatar_path)
     head = head_for_avatar(avatar, device, str(avatar_path)).to(device)
-    rig = build_rig(avatar, head, device)
+    # The orbit poses the whole head at the origin, chest included: the chest follows the removed translation.
+    rig = build_rig(avatar, head, device, replace(cfg.skinning, torso_follow=1.0))
     params = avatar.source_head_params(device) if avatar.source_params else head.zero_params()
     params.rotation = torch.zeros_like(params.rotation)
     params.translation = torch.zeros_like(params.translation)

@@ -70,15 +70,16 @@ def test_smoke_run_checks_stages_prune_and_targets(bench, tmp_path):
     assert np.isfinite(clip["psnr_whole"]) and clip["psnr_drop_db"] == pytest.approx(
         clip["psnr_whole"] - clip["psnr_pruned"])
     assert clip["psnr_pruned_vs_whole"] > 20.0 and clip["prune"]["config"]["min_contribution"] == 1.0
-    # The reenact section timed the template and both avatars of the clip, each with its own Gaussian count.
+    # The reenact section timed the template (also posed from a source, re-skinning its collar) and both avatars of
+    # the clip, each with its own Gaussian count.
     re = res["sections"]["reenact"]
-    assert set(re) == {"template", "avatar", "avatar_pruned"}
+    assert set(re) == {"template", "template_skinned", "avatar", "avatar_pruned"}
     assert re["avatar_pruned"]["num_gaussians"] == clip["gaussians_pruned"]
     for row in (re["avatar_pruned"]["batch1"], re["avatar_pruned"]["batch2"]):
         assert row["floor"]["median_ms"] > 0 and row["e2e_eager"]["median_ms"] > 0
     # Stage timings add up to the call they split.
     st = res["sections"]["stages"]["batch1"]
-    parts = sum(st[k] for k in ("copy_inputs", "skinning", "attributes", "render", "readback"))
+    parts = sum(st[k] for k in ("copy_inputs", "skinning", "attributes", "reskin", "render", "readback"))
     assert st["total"] == pytest.approx(parts) and st["render"] > 0 and st["skinning"] > 0
     assert res["sections"]["gsplat_options"]["chosen"]["tile_size"] == 16
     t = res["targets"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipelines.avatar import Avatar, AvatarRig, load_avatar, save_avatar, template_maps
-from pipelines.avatar.binding import matrix_to_quat, quat_multiply
+from pipelines.avatar.quaternion import matrix_to_quat, quat_multiply
 from pipelines.avatar.ply import read_ply, write_ply
 from pipelines.errors import InputError
 from pipelines.head.lbs import axis_angle_to_matrix

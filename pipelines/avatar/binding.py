@@ -7,7 +7,6 @@ the mesh moves, the Gaussian moves, rotates and scales with its triangle.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,8 @@ from ..head.lbs import blend_shapes, joint_rotations
 from ..uv.space import UVSpace
 from .maps import ATTRIBUTE_SLICES
 from .pose_kernel import fused_pose_available, pose_gaussians
+from .quaternion import matrix_to_quat, quat_right_matrix
+from .skinning import PositionSkinning, SkinningConfig
 
 
 @dataclass
@@ -50,58 +51,6 @@ def triangle_frames(verts: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Ten
     return torch.stack([t, b, n], dim=-1), size
 
 
-# The four candidate quaternions of a rotation matrix m (row-major m00..m22), times 4 * their largest-denominator
-# component: entry [i, j] = sum_t _QUAT_SIGN[i, j, t] * m[_QUAT_INDEX[i, j, t]] (+ 1 on the diagonal). Row i is the
-# candidate whose component i is computed from the diagonal, e.g. row 0 = (1 + m00 + m11 + m22, m21 - m12, ...).
-_QUAT_TERMS = (
-    ((("+", 0), ("+", 4), ("+", 8)), (("+", 7), ("-", 5)), (("+", 2), ("-", 6)), (("+", 3), ("-", 1))),
-    ((("+", 7), ("-", 5)), (("+", 0), ("-", 4), ("-", 8)), (("+", 3), ("+", 1)), (("+", 2), ("+", 6))),
-    ((("+", 2), ("-", 6)), (("+", 3), ("+", 1)), (("-", 0), ("+", 4), ("-", 8)), (("+", 5), ("+", 7))),
-    ((("+", 3), ("-", 1)), (("+", 6), ("+", 2)), (("+", 7), ("+", 5)), (("-", 0), ("-", 4), ("+", 8))),
-)
-
-
-@functools.lru_cache(maxsize=8)
-def _quat_tables(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gather indices (48,), signs (4, 4, 3) and the 4x4 identity for ``matrix_to_quat``, cached per device: a
-    host-to-device copy every call would stall the stream (and cannot be captured in a CUDA graph)."""
-    index = torch.tensor([[[t[1] for t in e] + [0] * (3 - len(e)) for e in row] for row in _QUAT_TERMS])
-    sign = torch.tensor([[[1.0 if t[0] == "+" else -1.0 for t in e] + [0.0] * (3 - len(e)) for e in row]
-                         for row in _QUAT_TERMS])
-    return index.flatten().to(device), sign.to(device, dtype), torch.eye(4, dtype=dtype, device=device)
-
-
-def matrix_to_quat(R: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices (..., 3, 3) -> unit quaternions (..., 4) w,x,y,z with w >= 0.
-
-    Builds the four algebraically equivalent candidates (Shepperd's method) and keeps, per matrix, the one with the
-    largest denominator, which is accurate to float precision everywhere (no sign or small-component issues). The
-    candidates come from one gather of the matrix entries (a handful of kernels, not ~50: this runs every frame).
-    """
-    m = R.reshape(*R.shape[:-2], 9)
-    index, sign, eye = _quat_tables(R.device, R.dtype)
-    cand = (m[..., index].unflatten(-1, (4, 4, 3)) * sign).sum(-1) + eye  # (..., 4, 4)
-    best = cand.diagonal(dim1=-2, dim2=-1).argmax(-1)  # largest (1 +- m00 +- m11 +- m22)
-    q = torch.gather(cand, -2, best[..., None, None].expand(*best.shape, 1, 4))[..., 0, :]
-    # Normalize and pick the w >= 0 sign in one division (w == 0 keeps the candidate's sign).
-    return q / torch.where(q[..., :1] < 0, -1.0, 1.0) / q.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-
-
-def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Hamilton product of quaternions (..., 4) w,x,y,z: the rotation b followed by a."""
-    aw, ax, ay, az = a.unbind(-1)
-    bw, bx, by, bz = b.unbind(-1)
-    return torch.stack(
-        [
-            aw * bw - ax * bx - ay * by - az * bz,
-            aw * bx + ax * bw + ay * bz - az * by,
-            aw * by - ax * bz + ay * bw + az * bx,
-            aw * bz + ax * by - ay * bx + az * bw,
-        ],
-        -1,
-    )
-
-
 def texel_frames(uv: UVSpace, verts: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triangle frames (B, K, K, 3, 3) and sizes (B, K, K) looked up per texel of the UV map."""
     R, size = triangle_frames(verts, faces)
@@ -122,21 +71,6 @@ def posed_to_canonical_offsets(uv: UVSpace, offsets: torch.Tensor, posed: torch.
     local = (R_p.transpose(-1, -2) @ d) / s_p[..., None, None]
     out = (R_c @ local)[..., 0] * s_c[..., None]
     return out.permute(0, 3, 1, 2) * uv.valid
-
-
-def quat_right_matrix(q: torch.Tensor) -> torch.Tensor:
-    """(..., 4, 4) matrices M(q) with ``M(q) @ p == quat_multiply(p, q)`` for quaternions q (..., 4) w,x,y,z.
-
-    The Hamilton product is linear in its left factor; with the right factor fixed per Gaussian, the product with a
-    per-frame rotation becomes one multiply-and-sum (instead of ~30 element-wise kernels of ``quat_multiply``).
-    """
-    w, x, y, z = q.unbind(-1)
-    return torch.stack([
-        torch.stack([w, -x, -y, -z], -1),
-        torch.stack([x, w, z, -y], -1),
-        torch.stack([y, -z, w, x], -1),
-        torch.stack([z, y, -x, w], -1),
-    ], -2)
 
 
 def forward_kinematics(rot: torch.Tensor, joints: torch.Tensor, parents: tuple[int, ...]) -> torch.Tensor:
@@ -171,10 +105,15 @@ class AvatarRig:
     None) and the avatars' shapes (B, S); ``pose(verts)`` then places the Gaussians on posed meshes of the same head
     model - the per-frame hot path of reenactment and turntables. ``pose_params`` goes from tracked parameters to
     Gaussians without a device synchronisation, so it can be captured in a CUDA graph (:class:`PoseGraph`).
+
+    With the ``source`` pose the maps were predicted for (one avatar), ``pose_params`` also applies ``skinning``
+    (skinning.py): Gaussians far from their triangle follow the joints by where they are, and the chest holds the
+    source's translation. ``pose(verts)`` is the paper's binding alone (training uses it).
     """
 
     def __init__(self, head: HeadModel, uv: UVSpace, maps: torch.Tensor, shape: torch.Tensor,
-                 delta_p: torch.Tensor | None = None) -> None:
+                 delta_p: torch.Tensor | None = None, source: HeadParams | None = None,
+                 skinning: SkinningConfig | None = None) -> None:
         self.head = head
         self.uv = uv
         B = maps.shape[0]
@@ -203,6 +142,25 @@ class AvatarRig:
         # PyTorch path (benchmarks and checks compare the two).
         self.fused = True
         self._fused_inputs: tuple[torch.Tensor, ...] | None = None
+        self.skinning = skinning or SkinningConfig()
+        self.position_skinning: PositionSkinning | None = None
+        self._torso_translation: torch.Tensor | None = None  # (1, 3) the chest's translation when it holds still
+        if source is not None:
+            self._bind_source(source, canonical)
+
+    def _bind_source(self, source: HeadParams, canonical: torch.Tensor) -> None:
+        """Precompute what ``skinning`` needs from the source pose (batch 1): its joint transforms and translation."""
+        if self.shape.shape[0] != 1 or source.batch != 1:
+            raise ValueError("source-pose skinning is for one avatar and its one source frame")
+        with torch.no_grad():
+            _, E_source, translation = self._posed(source, hold_torso=False)
+            if self.skinning.torso_follow < 1.0:
+                self._torso_translation = translation
+            if self.skinning.by_position:
+                means = self.pose(canonical).means[0]  # (G, 3) canonical Gaussian centres
+                self.position_skinning = PositionSkinning.build(
+                    means, canonical[0], self.head.lbs_weights, self.head.faces, self._face, self._bary, E_source,
+                    self.skinning)
 
     @property
     def num_gaussians(self) -> int:
@@ -233,8 +191,28 @@ class AvatarRig:
 
         Equal to ``head(params)`` with ``params.shape`` replaced by the avatar's (FLAME eq. 11-12, joints regressed
         from the shaped mesh with expression), but the identity terms are precomputed, the expression blendshapes
-        and their joints are one matrix product each, and nothing reads back from the device.
+        and their joints are one matrix product each, and nothing reads back from the device. With a source pose
+        and ``skinning.torso_follow`` < 1 the chest holds (part of) the source's translation.
         """
+        return self._posed(params)[0]
+
+    def posed_skeleton(self, params: HeadParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posed vertices (B, V, 3) and the joints' skinning transforms E (B, J, 3, 4) that ``reskin`` takes."""
+        verts, E, _ = self._posed(params)
+        return verts, E
+
+    def reskin(self, g: Gaussians, E: torch.Tensor) -> Gaussians:
+        """Gaussians posed by their triangles (``pose``) -> those the offsets moved off their triangle re-posed by
+        the joints E (B, J, 3, 4) with the weights of where they are (skinning.py); ``g`` itself without a source."""
+        if self.position_skinning is None:
+            return g
+        means, quats = self.position_skinning.apply(g.means, g.quats, E)
+        return Gaussians(means, quats, g.scales, g.opacities, g.colors)
+
+    def _posed(self, params: HeadParams, hold_torso: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Posed vertices (B, V, 3), the joints' skinning transforms E (B, J, 3, 4) with the translation in them
+        (vertex = sum_j w_j E_j v), and the translation (B, 3) of the rigid head turn (``lbs.joint_rotations``)."""
         idt = self._identity_terms()
         B = params.batch
         V = self.head.v_template.shape[0]
@@ -247,12 +225,20 @@ class AvatarRig:
         A = forward_kinematics(rot, joints, idt["parents"])  # (B, J, 3, 4)
         # One (V, J) x (J, B*12) product for every frame's skinning transforms (an einsum ran it as B gemv calls).
         T = (self.head.lbs_weights @ A.flatten(2).transpose(0, 1).flatten(1)).view(V, B, 3, 4).transpose(0, 1)
-        verts = (T[..., :3] * v[:, :, None, :]).sum(-1) + T[..., 3]
-        return verts + translation[:, None, :]
+        verts = (T[..., :3] * v[:, :, None, :]).sum(-1) + T[..., 3] + translation[:, None, :]
+        E = torch.cat([A[..., :3], A[..., 3:] + translation[:, None, :, None]], -1)
+        if hold_torso and self._torso_translation is not None:
+            # The root (chest) keeps the source's translation; the head's own joints are unchanged.
+            hold = (1.0 - self.skinning.torso_follow) * (self._torso_translation - translation)  # (B, 3)
+            verts = verts + self.head.lbs_weights[None, :, 0, None] * hold[:, None]
+            root = torch.cat([E[:, :1, :, :3], E[:, :1, :, 3:] + hold[:, None, :, None]], -1)
+            E = torch.cat([root, E[:, 1:]], 1)
+        return verts, E, translation
 
     def pose_params(self, params: HeadParams) -> Gaussians:
         """Gaussians for tracked parameters (B frames); the avatar's own shape replaces ``params.shape``."""
-        return self.pose(self.posed_vertices(params))
+        verts, E = self.posed_skeleton(params)
+        return self.reskin(self.pose(verts), E)
 
     def pose_graph(self, batch: int, slot: int = 0) -> "PoseGraph":
         """``pose_params`` for ``batch`` frames a call as a CUDA graph, captured on first use and kept with the rig

@@ -16,6 +16,7 @@ from ..head.base import HeadModel
 from ..uv.space import UVConfig, load_or_build_uv_space, uv_layout_digest
 from .artifact import Avatar
 from .binding import AvatarRig
+from .skinning import SkinningConfig
 
 
 def head_record(head: HeadModel) -> dict[str, str]:
@@ -54,11 +55,12 @@ def head_for_avatar(avatar: Avatar, device="cpu", avatar_name: str = "avatar") -
     return head
 
 
-def build_rig(avatar: Avatar, head: HeadModel, device="cpu") -> AvatarRig:
+def build_rig(avatar: Avatar, head: HeadModel, device="cpu", skinning: SkinningConfig | None = None) -> AvatarRig:
     """The avatar's Gaussians bound to ``head`` (its UV space at the avatar's K, shape and shape offsets), only those
-    its pruning mask keeps."""
+    its pruning mask keeps, posed with ``skinning`` from the source pose its maps were predicted for."""
     from .prune import select_samples
 
     uv = select_samples(load_or_build_uv_space(head, UVConfig(size=avatar.uv_size), device=device), avatar.keep)
     shape = torch.as_tensor(avatar.shape, dtype=torch.float32, device=device)
-    return AvatarRig(head, uv, avatar.maps_tensor(device), shape, avatar.delta_p_tensor(device))
+    source = avatar.source_head_params(device) if avatar.source_params else None
+    return AvatarRig(head, uv, avatar.maps_tensor(device), shape, avatar.delta_p_tensor(device), source, skinning)

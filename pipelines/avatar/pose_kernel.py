@@ -4,7 +4,7 @@ The PyTorch path builds a per-face table (frame, quaternion, size, corners), gat
 3x3 / 4x4 products as multiply-and-sum: about 40 kernels and ~1 ms of device time for 8 frames of 80K Gaussians on
 an H200 (bench/profile_pose.py), as long as the render it should hide behind. Here one program per block of
 Gaussians and frame reads its triangle's three corners, rebuilds the frame (the same formulas as
-``binding.triangle_frames`` and ``binding.matrix_to_quat``) and writes means, quaternions and scales: the step is
+``binding.triangle_frames`` and ``quaternion.matrix_to_quat``) and writes means, quaternions and scales: the step is
 bound by reading the corners and writing 10 floats a Gaussian.
 
 Inference only (no backward): ``AvatarRig.pose`` uses it on CUDA when nothing needs gradients and Triton imports.

@@ -34,7 +34,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 from ..batch import EXIT_ITEM_FAILED, EXIT_OK, EXIT_USAGE, EXIT_WEIGHTS, ItemResult, exit_code, run_batch, run_stage
 from ..errors import ConfigError, FhavatarError, InputError, WeightsError
 from ..store import VIDEO_EXTS, Manifest, hash_obj, item_id, item_lock, ItemLocked, write_json
+from ..avatar.skinning import SkinningConfig
 from .metrics import METRICS, MetricsConfig, MetricsResult, compute_metrics
 
 PROTOCOLS = ("self", "cross")
@@ -75,6 +76,7 @@ class EvalConfig:
     lpips_net: str = "alex"
     keypoints: str = "auto"  # AKD keypoints: auto | fan | mediapipe
     chunk: int = 16  # frames scored at once (bounds memory on long videos)
+    skinning: SkinningConfig = field(default_factory=SkinningConfig)  # how the reenacted avatar is posed
     picture_frames: int = 4  # rows of the side-by-side picture
     lock_wait_s: float = 3600.0  # how long to wait for an item another job is working on
     # Tracker settings of the videos' preprocess (None: TrackingConfig's defaults), e.g. from --tracking-config.
@@ -128,7 +130,7 @@ class EvalConfig:
         from ..reenact import ReenactConfig
 
         return ReenactConfig(size=self.size, motion="absolute" if self.protocol == "self" else "relative",
-                             camera="driving", background=self.background_float())
+                             camera="driving", background=self.background_float(), skinning=self.skinning)
 
     def comparison(self) -> str:
         if self.protocol == "cross":
@@ -168,6 +170,7 @@ def shared_settings(cfg: EvalConfig, recon, weights_sha256: str | None = None) -
         "lpips_net": cfg.lpips_net,
         "keypoints": cfg.keypoints,
         "reconstruct": recon_d,
+        "skinning": asdict(cfg.skinning),
     }
 
 
