@@ -53,6 +53,11 @@ Output = Annotated[Optional[Path], typer.Option(
     "folder).")]
 PngDir = Annotated[Optional[Path], typer.Option("--png-dir", help="Also write an RGBA PNG sequence here (a single "
                                                 "input).")]
+SettingsFile = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", help="YAML/JSON file of this command's settings (its stage dataclass, nested keys included, "
+    "e.g. skinning: {torso_follow: 0.5}); options given on the command line win.")]
+Sets = Annotated[Optional[List[str]], typer.Option(
+    "--set", help="Override one setting, e.g. --set skinning.torso_follow=0.5 (YAML values; after --config).")]
 AvatarOut = Annotated[Optional[Path], typer.Option(
     "--out", "-o", help="Output folder: results go to <out>/<the avatar's item>/. Default: the folder that holds "
     "the avatar's item folder (next to the avatar).")]
@@ -61,7 +66,7 @@ AvatarOut = Annotated[Optional[Path], typer.Option(
 # name -> (annotated type, default) of the options ``with_common`` adds to a command.
 COMMON = {"device": (Device, "auto"), "renderer": (Renderer, "auto"), "shard": (Shard, None), "force": (Force, False),
           "fail_fast": (FailFast, False), "quiet": (Quiet, False), "log_json": (LogJson, False),
-          "verbose": (Verbose, False)}
+          "verbose": (Verbose, False), "config": (SettingsFile, None), "sets": (Sets, None)}
 CONSOLE = ("quiet", "log_json", "verbose")
 
 
@@ -77,7 +82,24 @@ class Common:
     quiet: bool = False
     log_json: bool = False
     verbose: bool = False
+    config: Optional[Path] = None
+    sets: Optional[list[str]] = None
     ui: Optional[UI] = None
+
+    def settings(self, cls, **given):
+        """``cls`` from its defaults <- --config <- --set <- the options the user gave (None: not given)."""
+        from pipelines.config import load_config
+
+        given = {k: v for k, v in given.items() if v is not None}
+        if self.config is None and not self.sets:
+            return cls(**given)
+        return dataclasses.replace(load_config(cls, self.config, list(self.sets or [])), **given)
+
+    def setting_overrides(self, cls) -> dict:
+        """The fields of ``cls`` that --config / --set change from its defaults (for stages built from keywords)."""
+        base, default = self.settings(cls), cls()
+        return {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)
+                if getattr(base, f.name) != getattr(default, f.name)}
 
 
 def with_common(*names: str):
@@ -346,7 +368,7 @@ def _finish(results) -> None:
 
 # ------------------------------------------------------------------------------------------------------ commands
 @app.command(cls=defaults_from("pipelines.turntable:TurntableConfig"))
-@with_common("device", "renderer", "shard", "force", "fail_fast")
+@with_common("device", "renderer", "shard", "force", "fail_fast", "config", "sets")
 def turntable(
     avatars: List[str] = typer.Argument(..., help="avatar.npz files (or item folders holding avatar/avatar.npz)."),
     out: AvatarOut = None,
@@ -374,9 +396,9 @@ def turntable(
     from pipelines.turntable import TurntableConfig, run_turntable
 
     try:
-        cfg = _config(TurntableConfig, frames=frames, size=size, fps=fps, yaw_range=yaw_range, pitch=pitch,
-                      pitch_amplitude=pitch_amplitude, radius=radius, fov=fov, background=_color(background),
-                      expression=expression)
+        cfg = common.settings(TurntableConfig, frames=frames, size=size, fps=fps, yaw_range=yaw_range, pitch=pitch,
+                              pitch_amplitude=pitch_amplitude, radius=radius, fov=fov,
+                              background=_color(background), expression=expression)
         paths = _avatars(avatars)
         _single_outputs(output, png_dir, len(paths), "avatars")
         if out is not None:
@@ -518,7 +540,7 @@ def reconstruct(
 
 
 @app.command(cls=defaults_from("pipelines.reenact:ReenactConfig"))
-@with_common("device", "renderer", "shard", "force", "fail_fast")
+@with_common("device", "renderer", "shard", "force", "fail_fast", "config", "sets")
 def reenact(
     avatar: str = typer.Argument(..., help="avatar.npz (or its item folder)."),
     driving: List[str] = typer.Argument(..., help="Driving videos, tracking .npz files or preprocessed folders."),
@@ -546,8 +568,8 @@ def reenact(
 
     try:
         avatar_path = _avatar_path(avatar)
-        cfg = _config(ReenactConfig, size=size, fps=fps, motion=motion, camera=camera, background=_color(background),
-                      max_frames=max_frames)
+        cfg = common.settings(ReenactConfig, size=size, fps=fps, motion=motion, camera=camera,
+                              background=_color(background), max_frames=max_frames)
         specs = _select(driving, VIDEO_EXTS + (".npz",), common.shard)
         _single_outputs(output, png_dir, len(specs), "driving inputs")
         root = _output_folder(out if out is not None else avatar_item_dir(avatar_path).parent)
@@ -628,7 +650,7 @@ _EVAL, _RECON = "pipelines.evaluate.protocol:EvalConfig", "pipelines.reconstruct
 @app.command(cls=defaults_from(protocol=f"{_EVAL}.protocol", size=f"{_EVAL}.size", max_frames=f"{_EVAL}.max_frames",
                                stride=f"{_EVAL}.stride", method=f"{_RECON}.method", uv_size=f"{_RECON}.uv_size",
                                refine_steps=f"{_RECON}.refine_steps"))
-@with_common("device", "renderer", "shard", "force", "fail_fast")
+@with_common("device", "renderer", "shard", "force", "fail_fast", "config", "sets")
 def evaluate(
     inputs: List[str] = typer.Argument(..., help="Videos (files, folders, globs, @list.txt)."),
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one sub-folder per video, the reports "
@@ -663,6 +685,15 @@ def evaluate(
                                ("stride", stride)) if v is not None}
     try:
         _output_folder(out)
+        from pipelines.evaluate.protocol import EvalConfig
+
+        # --config / --set name EvalConfig's fields; the options on the command line win.
+        from_file = common.setting_overrides(EvalConfig)
+        metrics = metrics or (",".join(from_file.pop("metrics")) if from_file.get("metrics") else None)
+        full_frame = full_frame or not from_file.pop("foreground", True)
+        file_renderer = from_file.pop("renderer", None)
+        renderer = file_renderer if file_renderer and common.renderer == "auto" else common.renderer
+        given = {**from_file, **given}
         if tracking_config is not None:
             given["tracking"] = _tracking_config(tracking_config)
         if not merge:  # the network's weights are checked once, up front (exit 3), and its K taken from them
@@ -675,7 +706,7 @@ def evaluate(
     with ui.progress(f"evaluate ({protocol or 'self'})", None) as advance:
         text, code = run_evaluate(
             inputs, out, weights=weights, metrics=[m.strip() for m in metrics.split(",")] if metrics else None,
-            foreground=not full_frame, shard=common.shard, merge_only=merge, device=dev, renderer=common.renderer,
+            foreground=not full_frame, shard=common.shard, merge_only=merge, device=dev, renderer=renderer,
             head_model=head_model, force=common.force, fail_fast=common.fail_fast, progress=lambda msg: advance(1),
             on_result=ui.item, reconstruct_options=recon, **given,
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
@@ -39,9 +40,25 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     return value
 
 
+def _field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotation of each field of ``cls``; a field whose annotation names a type imported only for
+    type checking (e.g. an optional nested config) gets ``Any``, so its value is taken as given."""
+    try:
+        return get_type_hints(cls)
+    except NameError:
+        module = vars(sys.modules[cls.__module__])
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            try:
+                out[f.name] = eval(f.type, module) if isinstance(f.type, str) else f.type  # noqa: S307 (own code)
+            except NameError:
+                out[f.name] = Any
+        return out
+
+
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Build dataclass ``cls`` from a (partial) dict; unknown keys are errors naming the key and the valid ones."""
-    hints = get_type_hints(cls)
+    hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:

@@ -323,3 +323,28 @@ def test_option_defaults_have_one_owner_the_stage_dataclasses():
     assert owned >= 25
     radius = next(p for p in group.commands["turntable"].params if p.name == "radius")
     assert owned_default(group.commands["turntable"], "radius") == TurntableConfig.radius and radius.default is None
+
+
+def test_stage_settings_come_from_a_file_and_set_and_the_options_win(avatar, tmp_path):
+    """reenact / turntable / evaluate read their stage dataclass from --config and --set (nested keys included);
+    an option given on the command line wins; a bad value is a one-line exit 2 naming the setting."""
+    from pipelines.video import read_video_frames
+
+    settings = tmp_path / "reenact.yaml"
+    settings.write_text("size: 48\nskinning:\n  torso_follow: 0.5\n")
+    d = tmp_path / "d"
+    p = cli("reenact", avatar, MOTION, "--out", d, "--config", settings, "--max-frames", "2", "--renderer", "torch",
+            "--log-json", check=0)
+    video = next((d / avatar.parent.parent.name / "reenact").glob("*/video.mp4"))
+    assert {f.shape[:2] for f in read_video_frames(video)} == {(48, 48)}
+    manifest = json.loads((video.parent / "manifest.json").read_text())
+    assert manifest["settings"]["skinning"]["torso_follow"] == 0.5
+    p = cli("turntable", avatar, "--out", tmp_path / "t", "--set", "size=48", "--set", "frames=2", "--size", "40",
+            "--renderer", "torch", check=0)
+    turn = next((tmp_path / "t").glob("*/turntable/turntable.mp4"))
+    assert [f.shape[:2] for f in read_video_frames(turn)] == [(40, 40)] * 2
+    line = one_error_line(cli("reenact", avatar, MOTION, "--set", "skinning.torso_follow=2", check=2))
+    assert "torso_follow" in line
+    line = one_error_line(cli("evaluate", MOTION, "--out", tmp_path / "e", "--set", "skining.by_position=false",
+                              check=2))
+    assert "skining" in line
